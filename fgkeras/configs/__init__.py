@@ -1,0 +1,190 @@
+"""One configuration per experiment, with dotted overrides (`train.epochs=3`).
+
+A configuration is a tree of dataclasses; `get_config(name)` returns a fresh copy
+of a named experiment, `override(config, ["train.epochs=3"])` changes leaves with
+type checking, and `smoke(config)` shrinks anything to seconds.
+"""
+
+import dataclasses
+import json
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where images come from and how they are batched.
+
+    `source` is "synthetic" (the embedded `SyntheticVehicles`), "csv" (a labels.csv
+    in the cars196_half format, `path` = the CSV), "folder" (`path/<class>/<image>`,
+    classes split in two halves by sorted name) or "tfds" (`tfds_name`, needs the data
+    on disk). Training uses the classes of `train_split`; retrieval is evaluated on the
+    classes of `test_split`, never seen in training.
+    """
+
+    source: str = "synthetic"
+    path: str = ""
+    tfds_name: str = ""
+    train_split: str = "train"
+    test_split: str = "unseen"
+    image_size: int = 64
+    seed: int = 0
+    num_makes: int = 8
+    models_per_make: int = 6
+    images_per_class: int = 40
+    augment: bool = True
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The embedder (see `fgkeras.models.build_embedder`)."""
+
+    backbone: str = "resnet18"
+    width: float = 0.5
+    embedding_dim: int = 128
+    pooling: str = "gap"
+    preset: str = ""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training method and its budget.
+
+    `method` is one of `fgkeras.models.BASELINES`. Batches are P×K:
+    `classes_per_batch` (P) classes × `images_per_class` (K) images.
+    """
+
+    method: str = "triplet_batch_hard"
+    epochs: int = 8
+    steps_per_epoch: int = 50
+    classes_per_batch: int = 16
+    images_per_class: int = 4
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    margin: float = 0.1
+    triplet_weight: float = 1.0
+    mixed_precision: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    batch_size: int = 128
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "baseline"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values):
+        kwargs = {"name": values.get("name", cls.name)}
+        for field in dataclasses.fields(cls):
+            if field.name != "name":
+                kwargs[field.name] = field.type(**values.get(field.name, {}))
+        return cls(**kwargs)
+
+
+def _cars196(**train):
+    return ExperimentConfig(
+        name="cars196",
+        data=DataConfig(source="csv", path="../shared/datasets/cars196_half/labels.csv",
+                        train_split="train", test_split="test", image_size=96),
+        train=TrainConfig(**train),
+    )
+
+
+EXPERIMENTS = {
+    "baseline": lambda: ExperimentConfig(name="baseline"),
+    "demo": lambda: ExperimentConfig(name="demo", train=TrainConfig(epochs=6, steps_per_epoch=40)),
+    "cars196": _cars196,
+}
+
+
+def get_config(name="baseline"):
+    """A fresh copy of the named experiment configuration."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"Unknown experiment {name!r}. Known experiments: {sorted(EXPERIMENTS)}")
+    return EXPERIMENTS[name]()
+
+
+def _parse(value, current):
+    """Parses an override string to the type of the value it replaces."""
+    if isinstance(current, bool):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {value!r}")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    return value
+
+
+def override(config, assignments):
+    """Applies dotted `key=value` assignments such as "train.epochs=3" in place.
+
+    Raises:
+        ValueError: naming the key when it does not exist or the value has the wrong type.
+    """
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"An override must look like section.key=value. Received: {assignment!r}")
+        path = key.strip().split(".")
+        target = config
+        for part in path[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise ValueError(f"Unknown config key {key!r}: no section {part!r}")
+            target = getattr(target, part)
+        leaf = path[-1]
+        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+            known = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else []
+            raise ValueError(f"Unknown config key {key!r}. Known keys here: {known}")
+        current = getattr(target, leaf)
+        if dataclasses.is_dataclass(current):
+            raise ValueError(f"{key!r} is a section; set one of its keys instead")
+        try:
+            setattr(target, leaf, _parse(value, current))
+        except ValueError as error:
+            raise ValueError(f"Bad value for {key!r}: {error}") from None
+    return config
+
+
+def smoke(config):
+    """Shrinks an experiment to seconds: tiny data, a narrow backbone, a few steps."""
+    config.data.image_size = min(config.data.image_size, 48)
+    config.data.num_makes = min(config.data.num_makes, 4)
+    config.data.models_per_make = min(config.data.models_per_make, 4)
+    config.data.images_per_class = min(config.data.images_per_class, 12)
+    config.model.width = min(config.model.width, 0.25)
+    config.model.embedding_dim = min(config.model.embedding_dim, 32)
+    config.train.epochs = 1
+    config.train.steps_per_epoch = min(config.train.steps_per_epoch, 4)
+    config.train.classes_per_batch = min(config.train.classes_per_batch, 4)
+    config.train.images_per_class = min(config.train.images_per_class, 4)
+    return config
+
+
+__all__ = [
+    "DataConfig",
+    "EXPERIMENTS",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "get_config",
+    "override",
+    "smoke",
+]
