@@ -19,6 +19,8 @@ from fgkeras.configs import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
+DEMO_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
+
 
 def load_data(config):
     """Returns `(train, test)` ImageSets for a `DataConfig`: disjoint classes.
@@ -141,7 +143,7 @@ def compare(config, methods, train_set=None, test_set=None, verbose="auto"):
         model, _ = train(method_config, train_set=train_set, verbose=verbose)
         seconds = time.perf_counter() - start
         metrics = evaluate(model.embedder, test_set, method_config)
-        rows.append({"method": method, "train_seconds": round(seconds, 1), **metrics})
+        rows.append({"method": method, "train_seconds": int(round(seconds)), **metrics})
     return rows
 
 
@@ -152,7 +154,7 @@ def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard"), 
     """
     os.makedirs(out_dir, exist_ok=True)
     rows = compare(config, methods, verbose=verbose)
-    table = evaluation.format_table(rows)
+    table = evaluation.format_table(rows, keys=["method", *DEMO_METRICS, "train_seconds"])
     results = {"config": config.to_dict(), "rows": rows}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -1,0 +1,78 @@
+"""What every benchmark shares: quiet TensorFlow, the machine facts, the results file."""
+
+import datetime
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+SHARED_CARS196 = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cars196_half", "labels.csv")
+)
+
+
+def machine_facts():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": f"tensorflow {tf.__version__}, keras {keras.__version__}, numpy {np.__version__}",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+
+
+def write_results(topic, sections):
+    """Writes `benchmarks/results/<topic>.md`: the machine facts, then the sections.
+
+    Args:
+        sections: list of (heading, markdown text) pairs.
+    """
+    facts = machine_facts()
+    lines = [f"# {topic}", ""]
+    lines += [f"- {key}: {value}" for key, value in facts.items()]
+    for heading, text in sections:
+        lines += ["", f"## {heading}", "", text.rstrip()]
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{topic}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def markdown_table(rows, columns):
+    """A Markdown table of `rows` (dicts) with the given (key, header, format) columns."""
+    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt.format(row[key]) if key in row else "" for key, _, fmt in columns) + " |"
+            for row in rows]
+    return "\n".join([header, rule] + body)
+
+
+def fit_images_per_second(model, images, labels, steps):
+    """Images/s of `model.fit` on one in-memory batch, over `steps` steps after a warm-up.
+
+    The model must be compiled. The batch is repeated from memory, so the input
+    pipeline is out of the measurement.
+    """
+    import keras
+    import tensorflow as tf
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    timer = EpochTimer()
+    model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)  # traces the step function
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    return steps * len(images) / timer.seconds

@@ -1,0 +1,14 @@
+"""Retrieval evaluation: metrics (Recall@K, P@k, mAP@k, MAP@R), protocols and batch embedding."""
+
+from fgkeras.evaluation.embed import embed_dataset
+from fgkeras.evaluation.metrics import retrieval_metrics
+from fgkeras.evaluation.protocols import closed_set, format_table, growing_inventory, open_set
+
+__all__ = [
+    "closed_set",
+    "embed_dataset",
+    "format_table",
+    "growing_inventory",
+    "open_set",
+    "retrieval_metrics",
+]
