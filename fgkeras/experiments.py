@@ -25,9 +25,14 @@ DEMO_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 def load_data(config):
     """Returns `(train, test)` ImageSets for a `DataConfig`: disjoint classes.
 
-    The train set's labels are contiguous from 0 (a classifier head can use them);
+    The train set's labels are renumbered 0..K-1 (a classifier head needs them so);
     the test set holds the classes that retrieval is evaluated on.
     """
+    train, test = _load_splits(config)
+    return train.relabeled(), test
+
+
+def _load_splits(config):
     if config.source == "synthetic":
         synthetic = fg_data.SyntheticVehicles(
             seed=config.seed, image_size=config.image_size, num_makes=config.num_makes,
@@ -115,6 +120,7 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
         history = model.fit(
             training_dataset(config, train_set), epochs=config.train.epochs,
             steps_per_epoch=config.train.steps_per_epoch, verbose=verbose, callbacks=callbacks,
+            shuffle=False,  # the P×K stream is already shuffled
         )
     return model, history
 
