@@ -37,6 +37,8 @@ def _load_splits(config):
         synthetic = fg_data.SyntheticVehicles(
             seed=config.seed, image_size=config.image_size, num_makes=config.num_makes,
             models_per_make=config.models_per_make, images_per_class=config.images_per_class,
+            part_scale=config.part_scale, pose_jitter=config.pose_jitter, clutter=config.clutter,
+            occlusion_prob=config.occlusion_prob,
         )
         return synthetic.imageset(config.train_split), synthetic.imageset(config.test_split)
     if config.source == "csv":

@@ -16,7 +16,8 @@ class DataConfig:
     `source` is "synthetic" (the embedded `SyntheticVehicles`), "csv" (a labels.csv
     in the cars196_half format, `path` = the CSV), "folder" (`path/<class>/<image>`,
     classes split in two halves by sorted name) or "tfds" (`tfds_name`, needs the data
-    on disk). Training uses the classes of `train_split`; retrieval is evaluated on the
+    on disk). `num_makes` … `occlusion_prob` are `SyntheticVehicles` arguments (its
+    difficulty knobs). Training uses the classes of `train_split`; retrieval is evaluated on the
     classes of `test_split`, never seen in training.
     """
 
@@ -30,6 +31,10 @@ class DataConfig:
     num_makes: int = 8
     models_per_make: int = 6
     images_per_class: int = 40
+    part_scale: float = 1.0
+    pose_jitter: float = 1.0
+    clutter: float = 1.0
+    occlusion_prob: float = 0.25
     augment: bool = True
 
 
