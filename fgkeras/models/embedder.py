@@ -61,7 +61,8 @@ class Embedder(keras.Model):
         self.pool = POOLINGS[pooling](name="pool")
         self.drop = keras.layers.Dropout(dropout, name="dropout")
         self.embedding = keras.layers.Dense(embedding_dim, name="embedding")
-        self.embedding_bn = keras.layers.BatchNormalization(name="embedding_bn")
+        # Synchronised: under tf.distribute the moments are those of the global batch.
+        self.embedding_bn = keras.layers.BatchNormalization(synchronized=True, name="embedding_bn")
         self.l2_normalize = fg_layers.L2Normalize(name="l2_normalize")
 
     def build(self, input_shape):
