@@ -83,13 +83,18 @@ class SyntheticVehicles:
         occlusion_prob: probability that a user photo has an occluder over the vehicle, in [0, 1].
         supersample: anti-aliasing factor (render at `supersample * image_size`, then box-filter
             down), in [1, 4].
+
+    Calibration: the defaults of `pose_jitter`, `clutter` and `occlusion_prob` were chosen so
+    that a batch-hard triplet ResNet-18 (width 0.5, 64 px, 1,000 steps of 16×4, from scratch)
+    reaches about 33 % Recall@1 on the unseen classes, leaving room above for better methods;
+    with pose_jitter=1, clutter=1, occlusion_prob=0.25 the same run reached 17.5 %.
     """
 
     def __init__(self, seed=0, image_size=64, num_makes=8, models_per_make=6,
                  images_per_class=40, num_views=8, unseen_fraction=0.5, stock_fraction=0.2,
                  first_year=2015, num_years=6, part_changes=3, min_part_differences=2,
-                 part_scale=1.0, shape_jitter=0.03, pose_jitter=1.0, clutter=1.0,
-                 occlusion_prob=0.25, supersample=2):
+                 part_scale=1.0, shape_jitter=0.03, pose_jitter=0.5, clutter=0.3,
+                 occlusion_prob=0.05, supersample=2):
         _check(_is_int(seed) and seed >= 0, "seed", "a non-negative int", seed)
         _check(_is_int(image_size) and 32 <= image_size <= 224, "image_size", "in [32, 224]",
                image_size)

@@ -1,6 +1,8 @@
 """Custom Keras layers."""
 
 from fgkeras.layers.dense import NoBiasDense
+from fgkeras.layers.keypoint import KeypointBlock
+from fgkeras.layers.keypoint import KeypointMap
 from fgkeras.layers.normalization import L2Normalize
 from fgkeras.layers.pooling import CroWPooling2D
 from fgkeras.layers.pooling import GeMPooling2D
@@ -11,6 +13,8 @@ from fgkeras.layers.pooling import SPoCPooling2D
 __all__ = [
     "CroWPooling2D",
     "GeMPooling2D",
+    "KeypointBlock",
+    "KeypointMap",
     "L2Normalize",
     "MACPooling2D",
     "NoBiasDense",
