@@ -1,0 +1,6 @@
+"""Figures written as image files (Pillow + numpy): keypoint-map overlays, …"""
+
+from fgkeras.viz.keypoints import keypoint_overlays
+from fgkeras.viz.keypoints import overlay_heatmap
+
+__all__ = ["keypoint_overlays", "overlay_heatmap"]

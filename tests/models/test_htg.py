@@ -1,0 +1,410 @@
+import keras
+import keras_hub
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fgkeras.layers import KeypointBlock
+from fgkeras.models import Embedder
+from fgkeras.models.htg import (
+    HardTripletGAN,
+    KeypointEmbedder,
+    build_discriminator,
+    build_generator,
+    build_htg,
+    form_triplets,
+    step_decay,
+    train_htg,
+)
+
+K = 4  # identities in every toy problem
+
+
+def _tiny_embedder(seed=0, embedding_dim=8):
+    """A small backbone without batch norm, so that per-replica statistics cannot differ
+    (the embedder's own feature batch norm is synchronised across replicas)."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras.Sequential([
+        keras.Input((16, 16, 3)),
+        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+    ], name="tiny")
+    embedder = Embedder(backbone, embedding_dim=embedding_dim)
+    embedder.build((None, 16, 16, 3))
+    return embedder
+
+
+def _pyramid_backbone(seed=0, size=32):
+    """A tiny keras-hub ResNet (one block per stage) with pyramid outputs P2..P5 (stride 4..32)."""
+    keras.utils.set_random_seed(seed)
+    return keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 8, 16, 16],
+        stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(size, size, 3),
+    )
+
+
+def _kpm_embedder(seed=0, levels=("P3", "P4")):
+    embedder = Embedder(_pyramid_backbone(seed), embedding_dim=8)
+    embedder.build((None, 32, 32, 3))
+    return KeypointEmbedder.from_embedder(embedder, levels=levels)
+
+
+def _batch(per_class=4, size=16, seed=0):
+    """K classes × per_class images, ordered class by class like the P×K datasets."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (K * per_class, size, size, 3)).astype("float32")
+    labels = np.repeat(np.arange(K), per_class).astype("int32")
+    return images, labels
+
+
+def _toy_problem(batches=4, seed=0):
+    """Each identity is a colour; `batches` P×K batches of noisy images of the 4 colours."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]], "float32")
+    labels = np.tile(np.repeat(np.arange(K), 4), batches).astype("int32")
+    images = colours[labels][:, None, None, :] + rng.normal(0, 40, (len(labels), 16, 16, 3))
+    return np.clip(images, 0, 255).astype("float32"), labels
+
+
+def _compile(game, learning_rate=1e-2, optimizer=keras.optimizers.Adam):
+    game.compile(f_optimizer=optimizer(learning_rate), g_optimizer=optimizer(learning_rate),
+                 d_optimizer=optimizer(learning_rate))
+    return game
+
+
+def _values(variables):
+    return [np.array(v) for v in variables]
+
+
+def _numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+@pytest.fixture(scope="module")
+def toy_game():
+    """A game trained briefly on the colour toy problem (shared by the tests that need one)."""
+    images, labels = _toy_problem()
+    game = _compile(build_htg(_tiny_embedder(seed=1), K, seed=0))
+    history = game.fit(images, labels, batch_size=16, epochs=15, shuffle=False, verbose=0)
+    return game, images, labels, history
+
+
+# --- G and D -------------------------------------------------------------------------------------
+
+def test_generator_keeps_the_shape_and_starts_as_the_identity(rng):
+    generator = build_generator(8)
+    features = rng.normal(size=(6, 8)).astype("float32")
+    out = _numpy(generator(features, training=True))
+    assert out.shape == features.shape
+    np.testing.assert_allclose(out, features, atol=1e-6)
+    assert [generator.get_layer(f"fc{i}").units for i in range(1, 5)] == [4, 4, 8, 8]
+
+
+def test_generator_offsets_can_point_both_ways(rng):
+    generator = build_generator(8)
+    generator.get_layer("bn4").gamma.assign(np.ones(8, "float32"))
+    features = rng.normal(size=(32, 8)).astype("float32")
+    offsets = _numpy(generator(features, training=True)) - features
+    assert (offsets < -0.1).any() and (offsets > 0.1).any()  # no ReLU after the last layer
+
+
+def test_discriminator_has_k_plus_one_classes_and_a_no_bias_softmax(rng):
+    discriminator = build_discriminator(8, num_classes=5, hidden_dim=6)
+    assert discriminator.output_shape == (None, 6)
+    assert [w.name for w in discriminator.get_layer("logits").weights] == ["kernel"]
+    assert _numpy(discriminator(rng.normal(size=(3, 8)).astype("float32"))).shape == (3, 6)
+
+
+# --- triplets ------------------------------------------------------------------------------------
+
+def test_random_triplets_are_valid_and_seeded():
+    labels = np.repeat(np.arange(4), 3)
+    triplets = _numpy(form_triplets(labels, sampling="random", seed=1))
+    assert triplets.shape == (12, 3)
+    np.testing.assert_array_equal(triplets[:, 0], np.arange(12))
+    assert np.all(labels[triplets[:, 1]] == labels) and np.all(triplets[:, 1] != triplets[:, 0])
+    assert np.all(labels[triplets[:, 2]] != labels)
+    np.testing.assert_array_equal(_numpy(form_triplets(labels, seed=1)), triplets)
+    draws = {tuple(_numpy(form_triplets(labels, seed=s))[:, 2]) for s in range(5)}
+    assert len(draws) > 1
+
+
+def test_batch_hard_triplets_are_the_farthest_positive_and_nearest_negative(rng):
+    labels = np.repeat(np.arange(3), 3)
+    features = rng.normal(size=(9, 4)).astype("float32") * rng.uniform(0.5, 3, (9, 1)).astype("float32")
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    distances = ((unit[:, None] - unit[None]) ** 2).sum(-1)
+    same = labels[:, None] == labels[None]
+    hardest_positive = np.where(same & ~np.eye(9, dtype=bool), distances, -1).argmax(1)
+    hardest_negative = np.where(~same, distances, np.inf).argmin(1)
+    triplets = _numpy(form_triplets(labels, features, sampling="batch_hard"))
+    np.testing.assert_array_equal(triplets[:, 1], hardest_positive)
+    np.testing.assert_array_equal(triplets[:, 2], hardest_negative)
+
+
+def test_anchors_without_positive_or_negative_fall_back_to_themselves():
+    triplets = _numpy(form_triplets(np.array([0, 1, 1]), seed=0))
+    np.testing.assert_array_equal(triplets[0], [0, 0, triplets[0, 2]])  # class 0 has one image
+    assert triplets[0, 2] in (1, 2)
+    np.testing.assert_array_equal(_numpy(form_triplets(np.array([3, 3]), seed=0)), [[0, 1, 0], [1, 0, 1]])
+    with pytest.raises(ValueError, match="`sampling` must be one of"):
+        form_triplets(np.array([0, 1]), sampling="semi_hard")
+
+
+# --- the players' updates ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("player", ["embedder", "generator", "discriminator"])
+def test_each_update_changes_only_its_players_weights(player):
+    # Trainable weights. Batch-norm moving statistics are state, not weights: every player's
+    # forward pass in training mode updates them, whichever player is being optimised.
+    images, labels = _batch()
+    game = _compile(build_htg(_tiny_embedder(), K, seed=0))
+    game.generator.get_layer("bn4").gamma.assign(np.full(8, 0.5, "float32"))  # G off the identity
+    features = game.embedder.features(images, training=True)
+    triplets = form_triplets(labels, seed=0)
+    players = {name: getattr(game, name) for name in ("embedder", "generator", "discriminator")}
+    before = {name: _values(model.trainable_weights) for name, model in players.items()}
+    update = getattr(game, f"_update_{player}")
+    loss = update(images, labels) if player == "embedder" else update(features, labels, triplets)
+    loss = loss[0] if player == "embedder" else loss
+    assert np.isfinite(_numpy(loss)) and _numpy(loss) > 0
+    for name, model in players.items():
+        changed = [not np.array_equal(b, a) for b, a in zip(before[name], _values(model.trainable_weights))]
+        if name == player:
+            assert any(changed), f"the {player} update left {player} unchanged"
+        else:
+            assert not any(changed), f"the {player} update changed {name}"
+
+
+def test_train_step_updates_all_players_and_reports_three_losses():
+    images, labels = _batch()
+    game = _compile(build_htg(_tiny_embedder(), K, seed=0))
+    before = _values(game.embedder.trainable_weights + game.discriminator.trainable_weights)
+    logs = game.train_step({"image": images, "label": labels})
+    assert sorted(logs) == ["d_loss", "f_loss", "g_loss"]
+    assert all(np.isfinite(_numpy(v)) for v in logs.values())
+    after = _values(game.embedder.trainable_weights + game.discriminator.trainable_weights)
+    assert all(not np.array_equal(b, a) for b, a in zip(before, after) if b.ndim == 2)
+    assert game.g_optimizer.iterations.numpy() == 1 and game.d_optimizer.iterations.numpy() == 1
+
+
+def test_fake_features_are_classified_as_the_extra_class(rng):
+    labels = np.repeat(np.arange(K), 4)
+    centres = rng.normal(size=(K, 8)).astype("float32") * 3
+    features = centres[labels] + rng.normal(size=(16, 8)).astype("float32") * 0.3
+    game = _compile(build_htg(_tiny_embedder(), K, seed=0), learning_rate=3e-2)
+    game.generator.get_layer("bn4").gamma.assign(np.ones(8, "float32"))  # fakes differ from reals
+    triplets = form_triplets(labels, seed=0)
+
+    def predictions():
+        _, real_logits, fake_logits, _ = game._play(features, labels, triplets)
+        return _numpy(real_logits[:, 0]).argmax(-1), _numpy(fake_logits[:, 0]).argmax(-1)
+
+    assert np.mean(predictions()[1] == K) < 0.5
+    update = tf.function(game._update_discriminator)
+    for _ in range(40):
+        update(features, labels, triplets)
+    real, fake = predictions()
+    assert np.mean(fake == K) > 0.8  # class K + 1 (index K) is "generated"
+    assert np.mean(real == labels) > 0.8
+
+
+def test_generated_features_keep_their_identity_after_a_short_game(toy_game):
+    game, images, labels, history = toy_game
+    assert history.history["f_loss"][-1] < history.history["f_loss"][0]
+    # Played as in a training step: batch statistics, D sees real and generated features together.
+    features = game.embedder.features(images, training=True)
+    generated, _, fake_logits, _ = game._play(features, labels, form_triplets(labels, seed=0))
+    offsets = np.linalg.norm(_numpy(generated[:, 0]) - _numpy(features), axis=1)
+    assert offsets.mean() > 0.1 * np.linalg.norm(_numpy(features), axis=1).mean()  # G moved the features ...
+    identity = _numpy(fake_logits[:, 0, :K]).argmax(-1)
+    assert np.mean(identity == labels) > 0.6  # ... yet D still recognises their source (chance 0.25)
+
+
+# --- KPM -----------------------------------------------------------------------------------------
+
+def test_keypoint_embedder_concatenates_global_and_local_features(rng):
+    embedder = Embedder(_pyramid_backbone(), embedding_dim=8)
+    embedder.build((None, 32, 32, 3))
+    kpm = KeypointEmbedder.from_embedder(embedder, levels=("P3", "P4"))
+    assert isinstance(kpm, Embedder) and kpm.backbone is embedder.backbone
+    assert (kpm.global_dim, kpm.local_dim, kpm.embedding_dim) == (8, 8 + 16, 32)
+    images = rng.integers(0, 256, (3, 32, 32, 3)).astype("uint8")
+    features = _numpy(kpm.features(images))
+    assert features.shape == (3, 32)
+    np.testing.assert_allclose(features[:, :8], _numpy(embedder.features(images)), rtol=1e-5, atol=1e-5)
+    out = _numpy(kpm(images))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert kpm.compute_output_shape((None, 32, 32, 3)) == (None, 32)
+
+
+def test_local_features_are_feature_maps_pooled_with_keypoint_maps(rng):
+    kpm = _kpm_embedder()
+    images = rng.integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    maps = kpm.keypoint_maps(images)
+    pyramid = kpm.pyramid(kpm.normalize_input(images))
+    pooled = [(_numpy(pyramid[level]) * _numpy(maps[level])).sum(axis=(1, 2)) for level in kpm.levels]
+    bn = kpm.local_bn
+    expected = (np.concatenate(pooled, -1) - _numpy(bn.moving_mean)) / np.sqrt(_numpy(bn.moving_variance) + bn.epsilon)
+    np.testing.assert_allclose(_numpy(kpm.features(images))[:, 8:], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_keypoint_maps_sum_to_one_over_space_per_channel(rng):
+    kpm = _kpm_embedder()
+    maps = kpm.keypoint_maps(rng.integers(0, 256, (2, 32, 32, 3)).astype("uint8"))
+    assert sorted(maps) == ["P3", "P4"]
+    assert _numpy(maps["P3"]).shape == (2, 4, 4, 8) and _numpy(maps["P4"]).shape == (2, 2, 2, 16)
+    for m in maps.values():
+        np.testing.assert_allclose(_numpy(m).sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert all(isinstance(b, KeypointBlock) for b in kpm.keypoint_blocks)
+
+
+def test_keypoint_maps_match_odd_feature_map_sizes(rng):
+    kpm = KeypointEmbedder(_pyramid_backbone(size=48), global_dim=8, levels=("P4", "P5"))  # P4 3×3, P5 2×2
+    kpm.build((None, 48, 48, 3))
+    images = rng.integers(0, 256, (2, 48, 48, 3)).astype("float32")
+    assert [_numpy(m).shape[1:3] for m in kpm.keypoint_maps(images).values()] == [(3, 3), (2, 2)]
+    assert _numpy(kpm(images)).shape == (2, 8 + 16 + 16)
+
+
+def test_keypoint_embedder_keras_file_round_trip_alone_and_in_a_game(tmp_path, rng):
+    images = rng.integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    game = build_htg(_kpm_embedder(), K, kpm=True)
+    game.embedder.keypoint_blocks[0].bn2.moving_mean.assign(np.linspace(-1, 1, 8).astype("float32"))
+    expected = _numpy(game.embedder(images))
+    game.embedder.save(tmp_path / "embedder.keras")
+    restored = keras.saving.load_model(tmp_path / "embedder.keras")
+    assert isinstance(restored, KeypointEmbedder) and restored.levels == ["P3", "P4"]
+    np.testing.assert_allclose(_numpy(restored(images)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_numpy(restored.keypoint_maps(images)["P3"]),
+                               _numpy(game.embedder.keypoint_maps(images)["P3"]), rtol=1e-5, atol=1e-7)
+    game.save(tmp_path / "game.keras")
+    np.testing.assert_allclose(_numpy(keras.saving.load_model(tmp_path / "game.keras")(images)), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bad_keypoint_configurations():
+    with pytest.raises(ValueError, match="`levels` must be distinct pyramid levels .* Received: levels=\\['P2'\\]"):
+        KeypointEmbedder(_pyramid_backbone(), levels=("P2",))  # P2 has no level before it
+    with pytest.raises(ValueError, match="`levels` must be"):
+        KeypointEmbedder(_pyramid_backbone(), levels=("P4", "P4"))
+    with pytest.raises(ValueError, match="KPM needs a backbone with pyramid outputs"):
+        KeypointEmbedder(_tiny_embedder().backbone)
+    with pytest.raises(ValueError, match="`global_dim` must be >= 1"):
+        KeypointEmbedder(_pyramid_backbone(), global_dim=0)
+
+
+# --- serialization -------------------------------------------------------------------------------
+
+def test_config_round_trip():
+    game = build_htg(_tiny_embedder(), K, margin=0.2, mu=0.5, beta=2.0, gamma=0.0, triplets="batch_hard", seed=7)
+    clone = HardTripletGAN.from_config(game.get_config())
+    for name in ("num_classes", "margin", "mu", "beta", "gamma", "triplets", "seed"):
+        assert getattr(clone, name) == getattr(game, name)
+    assert clone.discriminator.output_shape == (None, K + 1)
+    assert clone.generator.output_shape == (None, 8)
+    assert clone.embedder.embedding_dim == 8
+
+
+def test_keras_file_round_trip_of_the_trained_game_and_its_embedder(toy_game, tmp_path):
+    game, images, _, _ = toy_game
+    game.save(tmp_path / "game.keras")
+    restored = keras.saving.load_model(tmp_path / "game.keras")
+    assert isinstance(restored, HardTripletGAN) and restored.compiled
+    np.testing.assert_allclose(restored.predict(images, verbose=0), game.predict(images, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    features = game.embedder.features(images)
+    for name in ("generator", "discriminator"):
+        np.testing.assert_allclose(_numpy(getattr(restored, name)(features)), _numpy(getattr(game, name)(features)),
+                                   rtol=1e-5, atol=1e-5)
+    for name in ("f_optimizer", "g_optimizer", "d_optimizer"):
+        original, loaded = getattr(game, name), getattr(restored, name)
+        assert loaded.iterations.numpy() == original.iterations.numpy() > 0
+        for a, b in zip(original.variables, loaded.variables):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
+    game.embedder.save(tmp_path / "embedder.keras")
+    embedder = keras.saving.load_model(tmp_path / "embedder.keras")
+    np.testing.assert_allclose(_numpy(embedder(images)), _numpy(game.embedder(images)), rtol=1e-5, atol=1e-6)
+
+
+# --- distribution --------------------------------------------------------------------------------
+
+def _one_step(strategy, images, labels, triplets):
+    with strategy.scope():
+        game = _compile(build_htg(_tiny_embedder(seed=5), K, triplets=triplets, seed=3),
+                        learning_rate=0.2, optimizer=keras.optimizers.SGD)
+        game.generator.get_layer("bn4").gamma.assign(np.full(8, 0.5, "float32"))
+        history = game.fit(images, labels, batch_size=len(images), epochs=1, shuffle=False, verbose=0)
+    return history.history, _values(game.weights)
+
+
+@pytest.mark.parametrize("triplets", ["random", "batch_hard"])
+def test_mirrored_step_equals_one_device_on_the_same_global_batch(two_cpu_devices, triplets):
+    # 16 images, 2 whole classes per replica: each replica alone would form other triplets
+    # (the hardest negative or the random draw may lie in the other shard) and see other
+    # batch statistics in G and D; the game gathers the global batch, so it must not differ.
+    images, labels = _batch()
+    expected_logs, expected = _one_step(tf.distribute.get_strategy(), images, labels, triplets)
+    logs, got = _one_step(tf.distribute.MirroredStrategy(two_cpu_devices), images, labels, triplets)
+    initial = _values(_compile(build_htg(_tiny_embedder(seed=5), K, seed=3)).weights)
+    assert sum(not np.allclose(a, b) for a, b in zip(expected, initial)) > 10  # the step did something
+    for name in ("f_loss", "g_loss", "d_loss"):
+        np.testing.assert_allclose(logs[name], expected_logs[name], rtol=1e-5)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_classes": 1}, "`num_classes` \\(K\\) must be >= 2. Received: num_classes=1"),
+    ({"margin": 0.0}, "`margin` must be > 0. Received: margin=0.0"),
+    ({"mu": -1.0}, "`mu` must be >= 0. Received: mu=-1.0"),
+    ({"beta": -0.1}, "`beta` must be >= 0"),
+    ({"gamma": -2}, "`gamma` must be >= 0"),
+    ({"triplets": "hardest"}, "`triplets` must be one of"),
+    ({"discriminator": build_discriminator(8, K + 1)}, "must output K \\+ 1 = 5 logits .* Received: 6 logits"),
+    ({"discriminator": build_discriminator(6, K)}, "must take the embedder's 8-d features"),
+    ({"generator": build_generator(6)}, "generator must map the embedder's 8-d features"),
+    ({"generator": keras.layers.Dense(8)}, "`generator` must be a built Keras model"),
+])
+def test_bad_configurations_are_refused(kwargs, message):
+    arguments = {"embedder": _tiny_embedder(), "generator": build_generator(8),
+                 "discriminator": build_discriminator(8, K), "num_classes": K, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        HardTripletGAN(**arguments)
+
+
+def test_players_need_their_own_optimizers():
+    game = build_htg(_tiny_embedder(), K)
+    shared = keras.optimizers.Adam()
+    with pytest.raises(ValueError, match="its own optimizer"):
+        game.compile(f_optimizer=shared, g_optimizer=shared, d_optimizer=keras.optimizers.Adam())
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+def test_step_decay_divides_by_ten_every_decay_epochs():
+    assert step_decay(1e-3, epochs=5, steps_per_epoch=10) == 1e-3
+    schedule = step_decay(1e-2, epochs=15, steps_per_epoch=10, decay_epochs=5)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 49, 51, 101)], [1e-2, 1e-2, 1e-3, 1e-4], rtol=1e-6)
+
+
+def test_train_htg_runs_both_phases_with_kpm(rng):
+    images = rng.integers(0, 256, (16, 32, 32, 3)).astype("uint8")
+    labels = np.repeat(np.arange(K), 4).astype("int32")
+    dataset = tf.data.Dataset.from_tensors({"image": images, "label": labels}).repeat()
+    embedder = Embedder(_pyramid_backbone(), embedding_dim=8)
+    embedder.build((None, 32, 32, 3))
+    backbone_before = _values(embedder.backbone.trainable_weights)
+    game = train_htg(embedder, dataset, K, warmup_epochs=1, epochs=1, steps_per_epoch=1, kpm=True,
+                     kpm_levels=("P4",), optimizer="adam", seed=0, verbose=0)
+    assert isinstance(game, HardTripletGAN) and isinstance(game.embedder, KeypointEmbedder)
+    assert game.embedder.backbone is embedder.backbone and game.embedder.levels == ["P4"]
+    assert sorted(game.history.history) == ["d_loss", "f_loss", "g_loss"]
+    assert game.f_optimizer.iterations.numpy() == 1  # the warm-up used its own optimizer
+    assert any(not np.allclose(b, a) for b, a in zip(backbone_before, _values(embedder.backbone.trainable_weights)))
+    with pytest.raises(ValueError, match="`optimizer` must be one of"):
+        train_htg(embedder, dataset, K, warmup_epochs=1, epochs=1, steps_per_epoch=1, optimizer="lion")
+
