@@ -59,13 +59,18 @@ def _load_splits(config):
     )
 
 
-def build_model(config, num_classes):
-    """The trainer named by `config.train.method`, on a fresh embedder."""
-    embedder = models.build_embedder(
+def build_embedder(config):
+    """A fresh embedder as `config.model` describes it."""
+    return models.build_embedder(
         backbone=config.model.backbone, width=config.model.width,
         embedding_dim=config.model.embedding_dim, pooling=config.model.pooling,
         image_size=config.data.image_size, preset=config.model.preset or None,
     )
+
+
+def build_model(config, num_classes):
+    """The baseline trainer named by `config.train.method`, on a fresh embedder."""
+    embedder = build_embedder(config)
     return models.build_baseline(
         config.train.method, embedder, num_classes=num_classes, margin=config.train.margin,
         triplet_weight=config.train.triplet_weight, seed=config.train.seed,
@@ -116,6 +121,8 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
     if train_set is None:
         train_set, _ = load_data(config.data)
     keras.utils.set_random_seed(config.train.seed)
+    if config.train.method == "htg":
+        return _train_htg(config, train_set, verbose, callbacks)
     with dtype_policy(config.train.mixed_precision):
         model = build_model(config, num_classes=train_set.num_classes)
         model.compile(optimizer=make_optimizer(config.train))
@@ -125,6 +132,22 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
             shuffle=False,  # the P×K stream is already shuffled
         )
     return model, history
+
+
+def _train_htg(config, train_set, verbose, callbacks):
+    """HTG's recipe: the basic model, then the adversarial game (`fgkeras.models.train_htg`)."""
+    with dtype_policy(config.train.mixed_precision):
+        game = models.train_htg(
+            build_embedder(config), training_dataset(config, train_set), train_set.num_classes,
+            warmup_epochs=config.train.warmup_epochs, epochs=config.train.epochs,
+            steps_per_epoch=config.train.steps_per_epoch,
+            warmup_learning_rate=config.train.warmup_learning_rate,
+            learning_rate=config.train.learning_rate, optimizer=config.train.optimizer,
+            decay_epochs=config.train.decay_epochs or max(config.train.epochs, config.train.warmup_epochs),
+            kpm=config.model.kpm, kpm_levels=tuple(config.model.kpm_levels.split(",")),
+            margin=config.train.margin, seed=config.train.seed, verbose=verbose, callbacks=callbacks,
+        )
+    return game, game.history
 
 
 def evaluate(embedder, test_set, config):

@@ -44,25 +44,38 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The embedder (see `fgkeras.models.build_embedder`)."""
+    """The embedder (see `fgkeras.models.build_embedder`).
+
+    `kpm` adds HTG's keypoint-map local branch on the backbone blocks `kpm_levels`
+    (comma-separated; "P3,P4" suits 64 px inputs, "P4,P5" 224 px).
+    """
 
     backbone: str = "resnet18"
     width: float = 0.5
     embedding_dim: int = 128
     pooling: str = "gap"
     preset: str = ""
+    kpm: bool = False
+    kpm_levels: str = "P3,P4"
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """The training method and its budget.
 
-    `method` is one of `fgkeras.models.BASELINES`. Batches are P×K:
-    `classes_per_batch` (P) classes × `images_per_class` (K) images.
+    `method` is one of `fgkeras.models.BASELINES` or "htg". Batches are P×K:
+    `classes_per_batch` (P) classes × `images_per_class` (K) images. HTG first trains
+    the basic model for `warmup_epochs` at `warmup_learning_rate`, then plays the
+    adversarial game for `epochs` (so it sees `warmup_epochs + epochs` epochs in all);
+    its learning rates drop ×10 every `decay_epochs` epochs as in the paper (0 = never:
+    our epochs are `steps_per_epoch` steps, not passes over a data set).
     """
 
     method: str = "triplet_batch_hard"
     epochs: int = 20
+    warmup_epochs: int = 12
+    warmup_learning_rate: float = 1e-3
+    decay_epochs: int = 0
     steps_per_epoch: int = 50
     classes_per_batch: int = 16
     images_per_class: int = 4
@@ -111,10 +124,17 @@ def _cars196(**train):
     )
 
 
+def _htg(kpm=False):
+    return ExperimentConfig(name="htg_kpm" if kpm else "htg", model=ModelConfig(kpm=kpm),
+                            train=TrainConfig(method="htg", warmup_epochs=12, epochs=8))
+
+
 EXPERIMENTS = {
     "baseline": lambda: ExperimentConfig(name="baseline"),
     "demo": lambda: ExperimentConfig(name="demo", train=TrainConfig(epochs=12, steps_per_epoch=50)),
     "cars196": _cars196,
+    "htg": _htg,
+    "htg_kpm": lambda: _htg(kpm=True),
 }
 
 
@@ -180,6 +200,7 @@ def smoke(config):
     config.model.width = min(config.model.width, 0.25)
     config.model.embedding_dim = min(config.model.embedding_dim, 32)
     config.train.epochs = 1
+    config.train.warmup_epochs = 1
     config.train.steps_per_epoch = min(config.train.steps_per_epoch, 4)
     config.train.classes_per_batch = min(config.train.classes_per_batch, 4)
     config.train.images_per_class = min(config.train.images_per_class, 4)

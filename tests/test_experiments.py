@@ -1,0 +1,40 @@
+import numpy as np
+
+from fgkeras import configs, experiments
+from fgkeras.models import HardTripletGAN, KeypointEmbedder, MetricLearner
+
+
+def _smoke(*assignments):
+    return configs.override(configs.smoke(configs.get_config("baseline")),
+                            ["train.steps_per_epoch=2", *assignments])
+
+
+def test_load_data_gives_disjoint_classes_and_contiguous_train_labels():
+    train, test = experiments.load_data(_smoke().data)
+    assert set(np.unique(train.labels)) == set(range(train.num_classes))
+    test_names = {test.class_names[c] for c in np.unique(test.labels)}
+    assert len(test_names) > 1 and not set(train.class_names) & test_names
+
+
+def test_train_dispatches_on_the_method():
+    config = _smoke("train.method=softmax_nobias")
+    model, history = experiments.train(config, verbose=0)
+    assert isinstance(model, MetricLearner) and model.softmax == "no_bias"
+    assert len(history.history["loss"]) == 1
+
+
+def test_htg_with_kpm_trains_and_evaluates():
+    config = _smoke("train.method=htg", "model.kpm=true")
+    train, test = experiments.load_data(config.data)
+    game, history = experiments.train(config, train_set=train, verbose=0)
+    assert isinstance(game, HardTripletGAN) and isinstance(game.embedder, KeypointEmbedder)
+    assert {"f_loss", "g_loss", "d_loss"} <= set(history.history)
+    metrics = experiments.evaluate(game.embedder, test, config)
+    assert 0.0 <= metrics["recall@1"] <= 1.0
+
+
+def test_compare_reports_one_row_per_method():
+    config = _smoke()
+    rows = experiments.compare(config, ["triplet_random", "triplet_batch_hard"], verbose=0)
+    assert [row["method"] for row in rows] == ["triplet_random", "triplet_batch_hard"]
+    assert all(isinstance(row["train_seconds"], int) for row in rows)
