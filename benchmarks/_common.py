@@ -76,3 +76,42 @@ def fit_images_per_second(model, images, labels, steps):
     model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)  # traces the step function
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
     return steps * len(images) / timer.seconds
+
+
+def compare_variants(base_config, variants, seeds, metrics):
+    """Trains every variant on the same data and budget; rows of mean ± std over seeds.
+
+    Args:
+        base_config: an `ExperimentConfig`; each variant is a copy with overrides applied.
+        variants: dict `label -> list of "key=value" overrides` (e.g. ["train.method=htg"]).
+        seeds: the training seeds.
+        metrics: metric names for the rows (shown as percentages).
+    """
+    import numpy as np
+
+    from fgkeras import configs, experiments
+
+    per_variant = {label: [] for label in variants}
+    for seed in seeds:
+        config = configs.ExperimentConfig.from_dict(base_config.to_dict())
+        config.train.seed = seed
+        train_set, test_set = experiments.load_data(config.data)
+        for label, overrides in variants.items():
+            variant = configs.override(configs.ExperimentConfig.from_dict(config.to_dict()), overrides)
+            start = time.perf_counter()
+            model, _ = experiments.train(variant, train_set=train_set, verbose=0)
+            seconds = time.perf_counter() - start
+            result = experiments.evaluate(model.embedder, test_set, variant)
+            result["train_seconds"] = seconds
+            per_variant[label].append(result)
+            print(f"seed {seed} {label}: " + ", ".join(f"{k} {result[k]:.3f}" for k in metrics)
+                  + f", {seconds:.0f} s", flush=True)
+    rows = []
+    for label, runs in per_variant.items():
+        row = {"method": label, "seeds": len(runs)}
+        for key in metrics:
+            values = np.array([r[key] for r in runs]) * 100
+            row[key] = f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+        row["train_seconds"] = f"{np.mean([r['train_seconds'] for r in runs]):.0f}"
+        rows.append(row)
+    return rows
