@@ -65,8 +65,9 @@ def cmd_demo(args):
     from fgkeras import experiments
 
     config = _config(args)
-    print(f"fgkeras demo: {config.train.epochs} epochs × {config.train.steps_per_epoch} steps per method "
-          f"on synthetic multi-view vehicles at {config.data.image_size} px")
+    print(f"fgkeras demo: random triplets, batch-hard and HTG, {config.train.epochs} epochs × "
+          f"{config.train.steps_per_epoch} steps each, on synthetic multi-view vehicles at "
+          f"{config.data.image_size} px")
     _, table = experiments.run_demo(config, args.out)
     print(table)
     print(f"Results written to {os.path.join(args.out, 'results.json')}")

@@ -136,14 +136,20 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
 
 def _train_htg(config, train_set, verbose, callbacks):
     """HTG's recipe: the basic model, then the adversarial game (`fgkeras.models.train_htg`)."""
+    game_epochs = config.train.epochs - config.train.warmup_epochs
+    if game_epochs < 1:
+        raise ValueError(
+            "HTG needs `train.epochs` > `train.warmup_epochs` (the game gets the difference). "
+            f"Received: epochs={config.train.epochs}, warmup_epochs={config.train.warmup_epochs}"
+        )
     with dtype_policy(config.train.mixed_precision):
         game = models.train_htg(
             build_embedder(config), training_dataset(config, train_set), train_set.num_classes,
-            warmup_epochs=config.train.warmup_epochs, epochs=config.train.epochs,
+            warmup_epochs=config.train.warmup_epochs, epochs=game_epochs,
             steps_per_epoch=config.train.steps_per_epoch,
             warmup_learning_rate=config.train.warmup_learning_rate,
             learning_rate=config.train.learning_rate, optimizer=config.train.optimizer,
-            decay_epochs=config.train.decay_epochs or max(config.train.epochs, config.train.warmup_epochs),
+            decay_epochs=config.train.decay_epochs or config.train.epochs,
             kpm=config.model.kpm, kpm_levels=tuple(config.model.kpm_levels.split(",")),
             margin=config.train.margin, seed=config.train.seed, verbose=verbose, callbacks=callbacks,
         )
@@ -178,8 +184,8 @@ def compare(config, methods, train_set=None, test_set=None, verbose="auto"):
     return rows
 
 
-def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard"), verbose="auto"):
-    """The demo: trains the baselines side by side, prints and saves a table.
+def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard", "htg"), verbose="auto"):
+    """The demo: trains the baselines and HTG side by side, prints and saves a table.
 
     Writes `results.json` (config, rows) and `results.md` (the table) in `out_dir`.
     """

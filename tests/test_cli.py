@@ -11,12 +11,12 @@ def test_demo_smoke_writes_results(tmp_path, capsys):
     assert cli.main(["demo", "--smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
-    assert methods == ["triplet_random", "triplet_batch_hard"]
+    assert methods == ["triplet_random", "triplet_batch_hard", "htg"]
     for row in results["rows"]:
         assert 0.0 <= row["recall@1"] <= 1.0 and 0.0 <= row["map@r"] <= 1.0
     printed = capsys.readouterr().out
     assert "| triplet_batch_hard |" in printed
-    assert results["config"]["train"]["epochs"] == 1  # --smoke took effect
+    assert results["config"]["train"]["epochs"] == 2  # --smoke took effect
 
 
 def test_train_then_evaluate_a_saved_model(tmp_path, capsys):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fgkeras import configs, experiments
 from fgkeras.models import HardTripletGAN, KeypointEmbedder, MetricLearner
@@ -20,7 +21,7 @@ def test_train_dispatches_on_the_method():
     config = _smoke("train.method=softmax_nobias")
     model, history = experiments.train(config, verbose=0)
     assert isinstance(model, MetricLearner) and model.softmax == "no_bias"
-    assert len(history.history["loss"]) == 1
+    assert len(history.history["loss"]) == config.train.epochs
 
 
 def test_htg_with_kpm_trains_and_evaluates():
@@ -38,3 +39,9 @@ def test_compare_reports_one_row_per_method():
     rows = experiments.compare(config, ["triplet_random", "triplet_batch_hard"], verbose=0)
     assert [row["method"] for row in rows] == ["triplet_random", "triplet_batch_hard"]
     assert all(isinstance(row["train_seconds"], int) for row in rows)
+
+
+def test_htg_budget_must_leave_epochs_for_the_game():
+    config = _smoke("train.method=htg", "train.epochs=2", "train.warmup_epochs=2")
+    with pytest.raises(ValueError, match="HTG needs `train.epochs` > `train.warmup_epochs`"):
+        experiments.train(config, verbose=0)

@@ -64,11 +64,12 @@ class TrainConfig:
     """The training method and its budget.
 
     `method` is one of `fgkeras.models.BASELINES` or "htg". Batches are P×K:
-    `classes_per_batch` (P) classes × `images_per_class` (K) images. HTG first trains
-    the basic model for `warmup_epochs` at `warmup_learning_rate`, then plays the
-    adversarial game for `epochs` (so it sees `warmup_epochs + epochs` epochs in all);
-    its learning rates drop ×10 every `decay_epochs` epochs as in the paper (0 = never:
-    our epochs are `steps_per_epoch` steps, not passes over a data set).
+    `classes_per_batch` (P) classes × `images_per_class` (K) images. `epochs` is the
+    whole budget of every method: HTG spends the first `warmup_epochs` of it on its
+    basic model (at `warmup_learning_rate`) and the rest on the adversarial game, so
+    all methods see the same number of images. HTG's learning rates drop ×10 every
+    `decay_epochs` epochs as in the paper (0 = never: our epochs are `steps_per_epoch`
+    steps, not passes over a data set).
     """
 
     method: str = "triplet_batch_hard"
@@ -126,12 +127,12 @@ def _cars196(**train):
 
 def _htg(kpm=False):
     return ExperimentConfig(name="htg_kpm" if kpm else "htg", model=ModelConfig(kpm=kpm),
-                            train=TrainConfig(method="htg", warmup_epochs=12, epochs=8))
+                            train=TrainConfig(method="htg", warmup_epochs=12, epochs=20))
 
 
 EXPERIMENTS = {
     "baseline": lambda: ExperimentConfig(name="baseline"),
-    "demo": lambda: ExperimentConfig(name="demo", train=TrainConfig(epochs=12, steps_per_epoch=50)),
+    "demo": lambda: ExperimentConfig(name="demo", train=TrainConfig(epochs=12, warmup_epochs=8, steps_per_epoch=50)),
     "cars196": _cars196,
     "htg": _htg,
     "htg_kpm": lambda: _htg(kpm=True),
@@ -199,9 +200,9 @@ def smoke(config):
     config.data.images_per_class = min(config.data.images_per_class, 12)
     config.model.width = min(config.model.width, 0.25)
     config.model.embedding_dim = min(config.model.embedding_dim, 32)
-    config.train.epochs = 1
+    config.train.epochs = 2
     config.train.warmup_epochs = 1
-    config.train.steps_per_epoch = min(config.train.steps_per_epoch, 4)
+    config.train.steps_per_epoch = min(config.train.steps_per_epoch, 3)
     config.train.classes_per_batch = min(config.train.classes_per_batch, 4)
     config.train.images_per_class = min(config.train.images_per_class, 4)
     return config
