@@ -1,0 +1,406 @@
+"""SavedModels whose signatures take encoded image bytes: the embedder, and embedder + index.
+
+Every export has these signatures (what a TF Serving client sends and receives):
+
+| signature | inputs | outputs |
+|---|---|---|
+| `serving_default`, `embed` | `images`: string `[None]` (JPEG/PNG/GIF/BMP/WebP bytes) | `embeddings`: float32 `[None, D]` |
+| `embed_decoded` | `images`: uint8 `[None, S, S, 3]` (already `resize_and_pad`-ed) | `embeddings`: float32 `[None, D]` |
+| `search` (retrieval exports only) | `images`: string `[None]` | `ids`: string `[None, k]`, `scores`: float32 `[None, k]` |
+
+Decoding and `resize_and_pad` (the same ops as training's input pipeline, from
+`fgkeras.data.core`) run inside the graph, one image at a time, so a batch may mix
+sizes and formats. Embeddings are L2-normalised; `scores` are inner products of
+the query embedding with the gallery embeddings (higher = closer), sorted
+descending. A ScaNN search that finds fewer than `k` neighbours pads the row with id ""
+and score -inf. A request with an element that is not an image fails with
+`INVALID_ARGUMENT` naming the element (`images[i] is not an encoded JPEG, PNG, ...`);
+an empty batch gives empty outputs.
+
+`k` is fixed at export, not a signature input: TF Serving requires a request to
+feed every input of a signature, and a fixed `k` gives the `search` outputs a
+static shape. A client that wants fewer neighbours takes a prefix. When the
+gallery has fewer than `k` items, `k` is reduced to its size (the export's
+`search` outputs are then `[None, N]`; `retrieval_signature_k` reads it back).
+
+Two retrieval flavours:
+
+- `"exact"`: a matrix product with the gallery and `tf.math.top_k`, pure TF ops: the
+  SavedModel loads in a stock `tensorflow_model_server`.
+- `"scann"`: the ScaNN searcher lives in the graph (`scann_ops`); the SavedModel is saved
+  with `namespace_whitelist=["Scann"]` and needs the ScaNN op library to load
+  (`load_saved_model` imports it when needed; a model server must be built with the ops).
+"""
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from fgkeras.data.core import decode_image, resize_and_pad
+
+logger = logging.getLogger(__name__)
+
+EMBED_SIGNATURES = ("serving_default", "embed")
+DECODED_SIGNATURE = "embed_decoded"
+SEARCH_SIGNATURE = "search"
+FLAVOURS = ("exact", "scann")
+SCANN_NAMESPACE = "Scann"
+
+# First bytes of the formats `tf.io.decode_image` reads; WebP is "RIFF" + 4 size bytes + "WEBP".
+_MAGIC_PREFIXES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def _check_image_size(image_size):
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"`image_size` must be a positive int. Received: image_size={image_size!r}")
+    return int(image_size)
+
+
+def _is_known_image_format(contents):
+    """True where the bytes start like a JPEG, PNG, GIF, BMP or WebP file."""
+    contents = tf.strings.join([contents, b"\0" * 12])  # substr needs the positions to exist
+    known = tf.reduce_any(
+        tf.stack([tf.strings.substr(contents, 0, len(magic)) == magic for magic in _MAGIC_PREFIXES])
+    )
+    webp = tf.logical_and(tf.strings.substr(contents, 0, 4) == b"RIFF",
+                          tf.strings.substr(contents, 8, 4) == b"WEBP")
+    return tf.logical_or(known, webp)
+
+
+def decode_batch(images, image_size):
+    """Decodes a `[None]` string batch of encoded images to uint8 `(batch, S, S, 3)`.
+
+    An element that is not an encoded image fails with an `InvalidArgumentError` naming its
+    position in the batch; a truncated or damaged file of a known format fails in the
+    decoder with TensorFlow's own message. Either way the request fails, not the process.
+    """
+
+    def decode_one(element):
+        contents, position = element
+        check = tf.debugging.Assert(
+            _is_known_image_format(contents),
+            [tf.strings.format(
+                "images[{}] is not an encoded JPEG, PNG, GIF, BMP or WebP image ({} bytes)",
+                (position, tf.strings.length(contents)))],
+        )
+        with tf.control_dependencies([check]):
+            return resize_and_pad(decode_image(contents), image_size)
+
+    positions = tf.range(tf.shape(images, out_type=tf.int32)[0])
+    return tf.map_fn(
+        decode_one, (images, positions),
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
+    )
+
+
+class EmbedderModule(tf.Module):
+    """The exported embedder: signatures from encoded bytes and from decoded images.
+
+    Args:
+        embedder: an `fgkeras.models.Embedder` (or any Keras model mapping uint8
+            `(batch, S, S, 3)` images to `(batch, D)` embeddings).
+        image_size: S, the side the images are resized and padded to.
+    """
+
+    def __init__(self, embedder, image_size, name=None):
+        super().__init__(name=name)
+        self.embedder = embedder
+        self.image_size = _check_image_size(image_size)
+        self.embed = tf.function(
+            self._embed, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
+        )
+        self.embed_decoded = tf.function(
+            self._embed_decoded,
+            input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8, name="images")],
+        )
+
+    def _embeddings(self, images):
+        # An empty batch skips the model: some fused CPU kernels reject zero-sized inputs.
+        dim = self.embedder.compute_output_shape((None, self.image_size, self.image_size, 3))[-1]
+        return tf.cond(
+            tf.shape(images)[0] > 0,
+            lambda: tf.cast(self.embedder(images, training=False), tf.float32),
+            lambda: tf.zeros([0, dim], tf.float32),
+        )
+
+    def _embed(self, images):
+        return {"embeddings": self._embeddings(decode_batch(images, self.image_size))}
+
+    def _embed_decoded(self, images):
+        return {"embeddings": self._embeddings(images)}
+
+    def signatures(self):
+        embed = self.embed.get_concrete_function()
+        return {"serving_default": embed, "embed": embed,
+                DECODED_SIGNATURE: self.embed_decoded.get_concrete_function()}
+
+
+class RetrievalModule(EmbedderModule):
+    """The embedder and a gallery in one graph: adds the `search` signature.
+
+    Args:
+        embedder, image_size: as for `EmbedderModule`.
+        embeddings: (N, D) float32 gallery embeddings (unit vectors).
+        ids: (N,) string ids of the gallery items.
+        k: neighbours returned per query; reduced to N when the gallery is smaller.
+        flavour: "exact" (matmul + top-k) or "scann" (in-graph ScaNN searcher).
+        scann_config: for "scann": None (from the gallery size), a dict of settings or a
+            ScaNN text config (see `build_scann_searcher`).
+    """
+
+    def __init__(self, embedder, image_size, embeddings, ids, k=10, flavour="exact",
+                 scann_config=None, name=None):
+        super().__init__(embedder, image_size, name=name)
+        embeddings, ids = _check_gallery(embeddings, ids)
+        if flavour not in FLAVOURS:
+            raise ValueError(f"`flavour` must be one of {FLAVOURS}. Received: flavour={flavour!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"`k` must be a positive int. Received: k={k!r}")
+        if k > len(ids):
+            logger.warning("k=%d is larger than the gallery (%d items): the export returns %d neighbours",
+                           k, len(ids), len(ids))
+        self.k = int(min(k, len(ids)))
+        self.flavour = flavour
+        self.gallery_ids = tf.Variable(ids, trainable=False, name="gallery_ids")
+        if flavour == "exact":
+            self.gallery_embeddings = tf.Variable(embeddings, trainable=False, name="gallery_embeddings")
+        else:
+            searcher, self.scann_config = build_scann_searcher(embeddings, self.k, scann_config)
+            self.scann_state = searcher.serialize_to_module()
+        self.search = tf.function(
+            self._search, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
+        )
+
+    def _search(self, images):
+        queries = self._embeddings(decode_batch(images, self.image_size))
+        if self.flavour == "exact":
+            scores, indices = tf.math.top_k(
+                tf.matmul(queries, self.gallery_embeddings, transpose_b=True), k=self.k
+            )
+        else:
+            from scann.scann_ops.py import scann_ops
+
+            searcher = scann_ops.searcher_from_module(self.scann_state)
+            indices, scores = searcher.search_batched(queries, final_num_neighbors=self.k)
+            indices, scores = _pad_neighbours(indices, scores, self.k)
+        valid = tf.logical_and(indices >= 0, tf.math.is_finite(scores))
+        ids = tf.where(valid, tf.gather(self.gallery_ids, tf.maximum(indices, 0)), "")
+        scores = tf.where(valid, scores, -np.inf)
+        return {"ids": tf.ensure_shape(ids, [None, self.k]),
+                "scores": tf.ensure_shape(tf.cast(scores, tf.float32), [None, self.k])}
+
+    def signatures(self):
+        return {**super().signatures(), SEARCH_SIGNATURE: self.search.get_concrete_function()}
+
+
+def _pad_neighbours(indices, scores, k):
+    """Pads ScaNN results to exactly k columns (index -1) when a search returned fewer."""
+    missing = k - tf.shape(indices)[1]
+    indices = tf.pad(tf.cast(indices, tf.int32), [[0, 0], [0, missing]], constant_values=-1)
+    scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=-np.inf)
+    return indices, scores
+
+
+def _check_gallery(embeddings, ids):
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or len(embeddings) == 0:
+        raise ValueError(
+            f"The gallery embeddings must be a non-empty (N, D) array. Received shape {embeddings.shape}"
+        )
+    ids = np.asarray([str(i).encode("utf-8") for i in np.asarray(ids).reshape(-1)], dtype=object)
+    if len(ids) != len(embeddings):
+        raise ValueError(
+            f"The gallery has {len(embeddings)} embeddings but {len(ids)} ids; they must match."
+        )
+    if not np.all(np.isfinite(embeddings)):
+        raise ValueError("The gallery embeddings contain NaN or infinite values.")
+    return embeddings, ids
+
+
+def scann_settings_for(embeddings):
+    """ScaNN settings from the gallery size, following ScaNN's guidance (as `ScannIndex` does).
+
+    Brute force below 20k items; asymmetric hashing (2 dimensions per block, anisotropic
+    threshold 0.2) with exact reordering of the best 250 below 100k; above, a tree of ≈ √N
+    leaves (spherical for unit vectors) searching 10 % of them, then AH and reordering.
+    """
+    num = len(embeddings)
+    if num < 20_000:
+        return {"mode": "brute_force"}
+    settings = {"mode": "ah", "dims_per_block": 2, "anisotropic_quantization_threshold": 0.2, "reorder": 250}
+    if num >= 100_000:
+        leaves = max(2, min(round(np.sqrt(num)), num // 2))
+        unit = bool(np.allclose(np.linalg.norm(embeddings[:10_000], axis=1), 1.0, atol=1e-3))
+        settings.update(mode="tree", num_leaves=leaves, num_leaves_to_search=max(1, int(np.ceil(leaves / 10))),
+                        training_sample_size=min(num, max(100_000, 100 * leaves)), spherical=unit)
+    return settings
+
+
+def build_scann_searcher(embeddings, k, scann_config=None):
+    """A `scann_ops` searcher (dot product) over the gallery, and the ScaNN text config it uses.
+
+    Args:
+        embeddings: (N, D) float32 gallery.
+        k: default number of neighbours.
+        scann_config: None (settings from the size: `scann_settings_for`), a dict of settings
+            as `ScannIndex.config` reports them ("mode": "brute_force" | "ah" | "tree", and
+            "num_leaves", "num_leaves_to_search", "training_sample_size", "spherical",
+            "dims_per_block", "anisotropic_quantization_threshold", "reorder"), or a ScaNN
+            text config (`ScannBuilder.create_config()`) used as is.
+    Returns:
+        `(searcher, config_text)`.
+    """
+    from scann.scann_ops.py import scann_ops
+
+    if isinstance(scann_config, str):
+        if "distance_measure" not in scann_config:
+            raise ValueError(f"`scann_config` is not a ScaNN text config. Received: {scann_config!r:.200}")
+        return scann_ops.create_searcher(embeddings, scann_config), scann_config
+    if scann_config is not None and not isinstance(scann_config, dict):
+        raise ValueError(f"`scann_config` must be None, a dict of settings or a ScaNN text config. "
+                         f"Received: {scann_config!r:.200}")
+    settings = dict(scann_config) if scann_config else scann_settings_for(embeddings)
+    mode = settings.get("mode")
+    if mode not in ("brute_force", "ah", "tree"):
+        raise ValueError(f"ScaNN `mode` must be 'brute_force', 'ah' or 'tree'. Received: {mode!r}")
+    builder = scann_ops.builder(embeddings, k, "dot_product")
+    if mode == "brute_force":
+        builder = builder.score_brute_force()
+    else:
+        num = len(embeddings)
+        if mode == "tree":
+            leaves = settings.get("num_leaves") or max(2, min(round(np.sqrt(num)), num // 2))
+            builder = builder.tree(
+                num_leaves=leaves,
+                num_leaves_to_search=settings.get("num_leaves_to_search") or max(1, int(np.ceil(leaves / 10))),
+                training_sample_size=settings.get("training_sample_size") or num,
+                spherical=bool(settings.get("spherical", False)),
+                min_partition_size=min(50, max(1, num // (2 * leaves))),
+            )
+        builder = builder.score_ah(
+            settings.get("dims_per_block", 2),
+            anisotropic_quantization_threshold=settings.get("anisotropic_quantization_threshold", 0.2),
+            training_sample_size=min(num, settings.get("training_sample_size") or 100_000),
+        )
+        builder = builder.reorder(max(settings.get("reorder") or 250, k))
+    return builder.build(), builder.create_config()
+
+
+def _save(module, path, flavour="exact"):
+    options = tf.saved_model.SaveOptions(namespace_whitelist=[SCANN_NAMESPACE] if flavour == "scann" else None)
+    tf.saved_model.save(module, path, signatures=module.signatures(), options=options)
+    return path
+
+
+def export_embedder(embedder, path, image_size):
+    """Saves the embedder as a SavedModel with `serving_default`, `embed` and `embed_decoded`.
+
+    Args:
+        embedder: an `fgkeras.models.Embedder` (a `MetricLearner`'s `.embedder`).
+        path: the SavedModel directory to write.
+        image_size: S, the side images are resized and padded to (as in training).
+    Returns:
+        `path`.
+    """
+    return _save(EmbedderModule(embedder, image_size), path)
+
+
+def export_retrieval(embedder, index, path, image_size, k=10, flavour="exact", scann_config=None):
+    """Saves embedder + gallery as one SavedModel: the embedder's signatures plus `search`.
+
+    Args:
+        embedder: an `fgkeras.models.Embedder`.
+        index: the gallery, any object with `.embeddings` ((N, D) float32) and `.ids`
+            ((N,) strings), e.g. an `fgkeras.index.ExactIndex` or `ScannIndex`.
+        path: the SavedModel directory to write.
+        image_size: S, the side images are resized and padded to.
+        k: neighbours returned by `search` (fixed at export; see the module docstring).
+        flavour: "exact" (pure TF ops) or "scann" (in-graph ScaNN ops).
+        scann_config: for "scann": None to use the index's own settings (`index.config` of a
+            `ScannIndex`) or, for another index, settings from the gallery size; or a dict of
+            settings / a ScaNN text config (see `build_scann_searcher`).
+    Returns:
+        `path`.
+    """
+    embeddings, ids = _index_arrays(index)
+    dim = getattr(embedder, "embedding_dim", None)
+    if dim is not None and embeddings.ndim == 2 and embeddings.shape[1] != dim:
+        raise ValueError(
+            f"The index holds {embeddings.shape[1]}-d embeddings but the embedder makes {dim}-d ones."
+        )
+    if flavour == "scann" and scann_config is None:
+        settings = getattr(index, "config", None)
+        scann_config = settings if isinstance(settings, dict) and "mode" in settings else None
+    module = RetrievalModule(embedder, image_size, embeddings, ids, k=k, flavour=flavour,
+                             scann_config=scann_config)
+    return _save(module, path, flavour)
+
+
+def _index_arrays(index):
+    missing = [name for name in ("embeddings", "ids") if not hasattr(index, name)]
+    if missing:
+        raise TypeError(
+            f"`index` must have `.embeddings` and `.ids` (an fgkeras.index index). "
+            f"Received {type(index).__name__} without {missing}"
+        )
+    return np.asarray(index.embeddings, dtype=np.float32), np.asarray(index.ids)
+
+
+def load_saved_model(path):
+    """`tf.saved_model.load`, registering the ScaNN ops first when the export uses them."""
+    if uses_scann_ops(path):
+        from scann.scann_ops.py import scann_ops  # noqa: F401  (registers the Scann> ops)
+    return tf.saved_model.load(path)
+
+
+def uses_scann_ops(path):
+    """True when the SavedModel's graph holds ScaNN ops (the "scann" retrieval flavour)."""
+    return any(op.startswith(SCANN_NAMESPACE + ">") for op in graph_op_types(path))
+
+
+def graph_op_types(path):
+    """The set of op types in a SavedModel's graph and its functions (what a server must know)."""
+    graph = _read_saved_model(path).meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def _read_saved_model(path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(tf.io.gfile.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto
+
+
+def retrieval_signature_k(path):
+    """The `k` of an exported `search` signature, read from the SavedModel (no loading)."""
+    outputs = signature_summary(path)[SEARCH_SIGNATURE]["outputs"]
+    return outputs["ids"]["shape"][1]
+
+
+def signature_summary(path):
+    """Names, dtypes and shapes of the signatures of a SavedModel, read from saved_model.pb.
+
+    Returns:
+        `{signature: {"inputs": {key: {"dtype": "string", "shape": [-1]}}, "outputs": {...}}}`;
+        -1 marks an unknown dimension. This is what TF Serving sees.
+    """
+    proto = _read_saved_model(path)
+
+    def describe(tensors):
+        return {
+            key: {"dtype": tf.dtypes.as_dtype(info.dtype).name,
+                  "shape": [d.size for d in info.tensor_shape.dim]}
+            for key, info in sorted(tensors.items())
+        }
+
+    signatures = proto.meta_graphs[0].signature_def
+    return {
+        name: {"inputs": describe(signatures[name].inputs), "outputs": describe(signatures[name].outputs)}
+        for name in sorted(signatures) if not name.startswith("__")
+    }

@@ -1,0 +1,213 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from fgkeras.data.core import decode_image, resize_and_pad
+from fgkeras.export import (
+    export_embedder,
+    export_retrieval,
+    load_saved_model,
+    retrieval_signature_k,
+    signature_summary,
+)
+from fgkeras.export.saved_model import (
+    RetrievalModule,
+    decode_batch,
+    graph_op_types,
+    scann_settings_for,
+    uses_scann_ops,
+)
+from fgkeras.index import ExactIndex
+from fgkeras.models import build_embedder
+
+SIZE, DIM = 32, 16
+
+
+def _encode(pixels, fmt):
+    return (tf.io.encode_png if fmt == "png" else tf.io.encode_jpeg)(pixels).numpy()
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return build_embedder(width=0.25, embedding_dim=DIM, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    """Six images of different sizes and both formats: the batch a client sends."""
+    rng = np.random.default_rng(0)
+    shapes = [(40, 50), (32, 32), (20, 64), (64, 20), (33, 47), (50, 40)]
+    return [_encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "png" if i % 2 else "jpeg")
+            for i, (h, w) in enumerate(shapes)]
+
+
+@pytest.fixture(scope="module")
+def decoded(encoded):
+    return np.stack([resize_and_pad(decode_image(b), SIZE).numpy() for b in encoded])
+
+
+@pytest.fixture(scope="module")
+def embedder_export(embedder, tmp_path_factory):
+    return export_embedder(embedder, str(tmp_path_factory.mktemp("export") / "embedder"), SIZE)
+
+
+@pytest.fixture(scope="module")
+def loaded(embedder_export):
+    return tf.saved_model.load(embedder_export)
+
+
+@pytest.fixture(scope="module")
+def gallery(embedder, decoded):
+    index = ExactIndex()
+    index.build(np.asarray(embedder(decoded, training=False)), [f"sku-{i}" for i in range(len(decoded))])
+    return index
+
+
+@pytest.fixture(scope="module")
+def exact_export(embedder, gallery, tmp_path_factory):
+    return export_retrieval(embedder, gallery, str(tmp_path_factory.mktemp("export") / "exact"), SIZE, k=3)
+
+
+def test_embedder_signatures_names_dtypes_shapes(embedder_export):
+    embed = {"inputs": {"images": {"dtype": "string", "shape": [-1]}},
+             "outputs": {"embeddings": {"dtype": "float32", "shape": [-1, DIM]}}}
+    assert signature_summary(embedder_export) == {
+        "serving_default": embed,
+        "embed": embed,
+        "embed_decoded": {"inputs": {"images": {"dtype": "uint8", "shape": [-1, SIZE, SIZE, 3]}},
+                          "outputs": {"embeddings": {"dtype": "float32", "shape": [-1, DIM]}}},
+    }
+
+
+def test_bytes_in_give_the_keras_embeddings_for_any_batch_size(embedder, loaded, encoded, decoded):
+    expected = np.asarray(embedder(decoded, training=False))
+    for signature in ("serving_default", "embed"):
+        out = loaded.signatures[signature](images=tf.constant(encoded))["embeddings"].numpy()
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+    single = loaded.signatures["embed"](images=tf.constant(encoded[2:3]))["embeddings"].numpy()
+    np.testing.assert_allclose(single, expected[2:3], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(single, axis=1), 1.0, rtol=1e-5)
+
+
+def test_embed_decoded_matches_keras(embedder, loaded, decoded):
+    out = loaded.signatures["embed_decoded"](images=tf.constant(decoded[:4]))["embeddings"].numpy()
+    np.testing.assert_allclose(out, np.asarray(embedder(decoded[:4], training=False)), atol=1e-6)
+
+
+def test_empty_batch_gives_empty_embeddings(loaded):
+    out = loaded.signatures["embed"](images=tf.constant([], dtype=tf.string))["embeddings"]
+    assert out.shape == (0, DIM)
+
+
+def test_graph_preprocessing_equals_training_preprocessing(encoded, decoded):
+    np.testing.assert_array_equal(decode_batch(tf.constant(encoded), SIZE).numpy(), decoded)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"definitely not an image", r"images\[1\] is not an encoded JPEG, PNG"),
+    (b"", r"images\[1\] is not an encoded JPEG, PNG"),
+    ("truncated", r"PNG|JPEG|jpeg|png"),
+])
+def test_corrupt_bytes_fail_the_request_with_a_clear_error(loaded, encoded, bad, message):
+    if bad == "truncated":
+        bad = encoded[1][: len(encoded[1]) // 2]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        loaded.signatures["embed"](images=tf.constant([encoded[0], bad]))
+    # the process and the model survive: the next request works
+    assert loaded.signatures["embed"](images=tf.constant(encoded[:2]))["embeddings"].shape == (2, DIM)
+
+
+def test_search_signature_and_results_equal_exact_search(exact_export, embedder, gallery, encoded, decoded):
+    summary = signature_summary(exact_export)
+    assert summary["search"] == {
+        "inputs": {"images": {"dtype": "string", "shape": [-1]}},
+        "outputs": {"ids": {"dtype": "string", "shape": [-1, 3]}, "scores": {"dtype": "float32", "shape": [-1, 3]}},
+    }
+    assert set(summary) == {"serving_default", "embed", "embed_decoded", "search"}
+    loaded = tf.saved_model.load(exact_export)
+    out = loaded.signatures["search"](images=tf.constant(encoded[:4]))
+    ids = out["ids"].numpy().astype(str)
+    expected_ids, expected_scores = gallery.search(np.asarray(embedder(decoded[:4], training=False)), k=3)
+    np.testing.assert_array_equal(ids, np.asarray(expected_ids).astype(str))
+    np.testing.assert_allclose(out["scores"].numpy(), expected_scores, atol=1e-5)
+    assert list(ids[:, 0]) == [f"sku-{i}" for i in range(4)]  # each image finds itself first
+    assert np.all(np.diff(out["scores"].numpy(), axis=1) <= 0)
+    one = loaded.signatures["search"](images=tf.constant(encoded[5:6]))
+    assert one["ids"].shape == (1, 3) and one["ids"].numpy()[0, 0] == b"sku-5"
+    assert loaded.signatures["search"](images=tf.constant([], tf.string))["ids"].shape == (0, 3)
+
+
+def test_exact_flavour_needs_no_custom_ops(exact_export):
+    proto = saved_model_pb2.SavedModel()
+    with open(f"{exact_export}/saved_model.pb", "rb") as f:
+        proto.ParseFromString(f.read())
+    graph = proto.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops |= {node.op for node in function.node_def}
+    assert ops == graph_op_types(exact_export)
+    assert "MatMul" in ops or "BatchMatMulV2" in ops
+    assert "TopKV2" in ops and "DecodeImage" in ops
+    assert not [op for op in ops if "scann" in op.lower()] and not uses_scann_ops(exact_export)
+
+
+def test_k_is_read_back_from_an_export(exact_export):
+    assert retrieval_signature_k(exact_export) == 3
+
+
+def test_k_larger_than_the_gallery_is_reduced(embedder, decoded):
+    module = RetrievalModule(embedder, SIZE, np.asarray(embedder(decoded[:2], training=False)), ["a", "b"], k=10)
+    assert module.k == 2
+
+
+def test_ids_are_stored_as_utf8(embedder):
+    module = RetrievalModule(embedder, SIZE, np.eye(3, DIM), ["sku-1", "Škoda Octavia", 42], k=1)
+    assert [i.decode("utf-8") for i in module.gallery_ids.numpy()] == ["sku-1", "Škoda Octavia", "42"]
+
+
+def test_retrieval_refuses_a_gallery_of_another_dimension(embedder, tmp_path):
+    index = ExactIndex()
+    index.build(np.eye(4, DIM + 1, dtype=np.float32), list("abcd"))
+    with pytest.raises(ValueError, match=f"{DIM + 1}-d embeddings but the embedder makes {DIM}-d"):
+        export_retrieval(embedder, index, str(tmp_path / "bad"), SIZE)
+
+
+def test_retrieval_refuses_an_unknown_flavour(embedder, gallery, tmp_path):
+    with pytest.raises(ValueError, match="`flavour` must be one of"):
+        export_retrieval(embedder, gallery, str(tmp_path / "bad"), SIZE, flavour="faiss")
+
+
+def test_scann_settings_follow_the_gallery_size():
+    assert scann_settings_for(np.zeros((19_999, 2), np.float32)) == {"mode": "brute_force"}
+    assert scann_settings_for(np.zeros((20_000, 2), np.float32))["mode"] == "ah"
+    unit = np.tile(np.eye(2, dtype=np.float32), (50_000, 1))
+    tree = scann_settings_for(unit)
+    assert tree["mode"] == "tree" and tree["num_leaves"] == 316 and tree["num_leaves_to_search"] == 32
+    assert tree["spherical"] is True and scann_settings_for(2 * unit)["spherical"] is False
+
+
+def test_scann_flavour_uses_the_scann_index_settings_and_reloads(embedder, decoded, encoded, tmp_path):
+    pytest.importorskip("scann")
+    from fgkeras.index import ScannIndex
+
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(600, DIM)).astype(np.float32)
+    gallery = np.concatenate([np.asarray(embedder(decoded, training=False)), noise / np.linalg.norm(
+        noise, axis=1, keepdims=True)])
+    index = ScannIndex(mode="ah", reorder=100)
+    index.build(gallery, [f"sku-{i}" for i in range(len(gallery))])
+    assert index.config["mode"] == "ah"
+    path = export_retrieval(embedder, index, str(tmp_path / "scann_ah"), SIZE, k=5, flavour="scann")
+    assert signature_summary(path)["search"]["outputs"]["ids"] == {"dtype": "string", "shape": [-1, 5]}
+    assert uses_scann_ops(path)
+    search = load_saved_model(path).signatures["search"]
+    out = search(images=tf.constant(encoded))
+    ids = out["ids"].numpy().astype(str)
+    assert list(ids[:, 0]) == [f"sku-{i}" for i in range(len(encoded))]  # each image finds itself
+    np.testing.assert_allclose(out["scores"].numpy()[:, 0], 1.0, atol=1e-3)
+    assert np.all(np.diff(out["scores"].numpy(), axis=1) <= 1e-6)
+    expected_ids, _ = index.search(np.asarray(embedder(decoded, training=False)), k=5)
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, np.asarray(expected_ids).astype(str))])
+    assert overlap >= 0.9
+    assert search(images=tf.constant(encoded[:2]))["ids"].shape == (2, 5)
