@@ -47,14 +47,10 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    import keras
-
     from fgkeras import evaluation, experiments
 
     config = _config(args)
-    if not os.path.exists(args.model):
-        raise SystemExit(f"fgkeras evaluate: no model at {args.model!r}")
-    model = keras.saving.load_model(args.model)
+    model = _load_model(args.model)
     embedder = getattr(model, "embedder", model)
     _, test_set = experiments.load_data(config.data)
     metrics = experiments.evaluate(embedder, test_set, config)
@@ -68,9 +64,51 @@ def cmd_demo(args):
     print(f"fgkeras demo: random triplets, batch-hard and HTG, {config.train.epochs} epochs × "
           f"{config.train.steps_per_epoch} steps each, on synthetic multi-view vehicles at "
           f"{config.data.image_size} px")
-    _, table = experiments.run_demo(config, args.out)
+    results, table = experiments.run_demo(config, args.out, export=not args.no_export)
     print(table)
+    if "export" in results:
+        _print_export(results["export"])
     print(f"Results written to {os.path.join(args.out, 'results.json')}")
+
+
+def _print_export(artefacts):
+    if not artefacts["pushed"]:
+        print(f"Not pushed: {artefacts['reason']}")
+        return
+    print(f"SavedModel: {artefacts['saved_model']}")
+    print(f"Index: {artefacts['index']}")
+    for mode, path in (artefacts.get("tflite") or {}).items():
+        parity = artefacts["tflite_parity"][mode]
+        print(f"TFLite {mode}: {path} (max |Δ| {parity['max_abs_diff']:.2e}, "
+              f"Recall@1 drop {100 * parity['recall@1_drop']:.1f} points)")
+
+
+def cmd_export(args):
+    import keras
+
+    from fgkeras import experiments
+
+    config = _config(args)
+    model = _load_model(args.model)
+    _, test_set = experiments.load_data(config.data)
+    artefacts = experiments.export_artifacts(
+        getattr(model, "embedder", model), test_set, config, args.out, name=args.name,
+        flavour=args.flavour, k=args.k, tflite_modes=() if args.no_tflite else ("fp32", "dynamic", "int8"),
+        force=args.force,
+    )
+    keras.backend.clear_session()
+    _print_export({"pushed": artefacts["push"].pushed, "reason": artefacts["push"].reason,
+                   "saved_model": artefacts["saved_model"], "index": artefacts.get("index"),
+                   "tflite": artefacts.get("tflite"), "tflite_parity": artefacts.get("tflite_parity")})
+    return 0 if artefacts["push"].pushed else 1
+
+
+def _load_model(path):
+    import keras
+
+    if not os.path.exists(path):
+        raise ValueError(f"no model at {path!r}")
+    return keras.saving.load_model(path)
 
 
 def build_parser():
@@ -81,6 +119,7 @@ def build_parser():
     demo = commands.add_parser("demo", help="train and compare the baselines on synthetic data")
     _add_config_arguments(demo, "demo")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
+    demo.add_argument("--no-export", action="store_true", help="stop after the comparison")
     demo.set_defaults(func=cmd_demo)
 
     train = commands.add_parser("train", help="train one method and evaluate it on unseen classes")
@@ -93,6 +132,19 @@ def build_parser():
     _add_config_arguments(evaluate, "baseline")
     evaluate.add_argument("--model", required=True, help="a .keras file saved by `fgkeras train`")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    export = commands.add_parser("export", help="export a trained model: SavedModel (TF Serving layout), "
+                                                "gallery index and TFLite, through the blessing gate")
+    _add_config_arguments(export, "baseline")
+    export.add_argument("--model", required=True, help="a .keras file saved by `fgkeras train`")
+    export.add_argument("--out", default=".", help="root of saved_models/, indexes/ and tflite/ (default: .)")
+    export.add_argument("--name", default="fgkeras", help="model name: saved_models/<name>/<version>/")
+    export.add_argument("--flavour", choices=("exact", "scann"), default="exact",
+                        help="in-graph search of the `search` signature (default: %(default)s)")
+    export.add_argument("--k", type=int, default=10, help="neighbours returned by `search`")
+    export.add_argument("--no-tflite", action="store_true", help="skip the TFLite files")
+    export.add_argument("--force", action="store_true", help="push even if the blessing gate refuses")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -102,11 +154,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except ValueError as error:  # configuration and data errors: say what, no traceback
+        if args.verbose:
+            raise
         print(f"fgkeras {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

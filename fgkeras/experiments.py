@@ -163,38 +163,108 @@ def evaluate(embedder, test_set, config):
     return evaluation.retrieval_metrics(arrays["embeddings"], arrays["label"])
 
 
-def compare(config, methods, train_set=None, test_set=None, verbose="auto"):
-    """Trains each method with the same data, backbone and budget; returns rows of metrics.
+def train_and_evaluate(config, method, train_set, test_set, verbose="auto"):
+    """Trains `method` with `config`'s data, backbone and budget; returns `(row, model)`.
 
-    Each row is `{"method": name, "train_seconds": ..., **retrieval_metrics}` on the
+    The row is `{"method": method, "train_seconds": ..., **retrieval_metrics}` on the
     test classes.
     """
+    method_config = ExperimentConfig.from_dict(config.to_dict())
+    method_config.train.method = method
+    logger.info("training %s", method)
+    start = time.perf_counter()
+    model, _ = train(method_config, train_set=train_set, verbose=verbose)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model.embedder, test_set, method_config)
+    return {"method": method, "train_seconds": int(round(seconds)), **metrics}, model
+
+
+def compare(config, methods, train_set=None, test_set=None, verbose="auto"):
+    """Trains each method with the same data, backbone and budget; returns rows of metrics."""
     if train_set is None or test_set is None:
         train_set, test_set = load_data(config.data)
-    rows = []
-    for method in methods:
-        method_config = ExperimentConfig.from_dict(config.to_dict())
-        method_config.train.method = method
-        logger.info("training %s", method)
-        start = time.perf_counter()
-        model, _ = train(method_config, train_set=train_set, verbose=verbose)
-        seconds = time.perf_counter() - start
-        metrics = evaluate(model.embedder, test_set, method_config)
-        rows.append({"method": method, "train_seconds": int(round(seconds)), **metrics})
-    return rows
+    return [train_and_evaluate(config, method, train_set, test_set, verbose)[0] for method in methods]
 
 
-def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard", "htg"), verbose="auto"):
-    """The demo: trains the baselines and HTG side by side, prints and saves a table.
+def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard", "htg"), export=True,
+             verbose="auto"):
+    """The demo: trains the baselines and HTG side by side, prints and saves a table, exports.
 
-    Writes `results.json` (config, rows) and `results.md` (the table) in `out_dir`.
+    Writes `results.json` (config, rows) and `results.md` (the table) in `out_dir`, and with
+    `export` the artefacts of the best method by Recall@1 (see `export_artifacts`).
+    Returns `(results, table)`.
     """
     os.makedirs(out_dir, exist_ok=True)
-    rows = compare(config, methods, verbose=verbose)
+    train_set, test_set = load_data(config.data)
+    rows, best = [], None
+    for method in methods:
+        row, model = train_and_evaluate(config, method, train_set, test_set, verbose)
+        rows.append(row)
+        if best is None or row["recall@1"] > best[0]["recall@1"]:
+            best = (row, model)
     table = evaluation.format_table(rows, keys=["method", *DEMO_METRICS, "train_seconds"])
     results = {"config": config.to_dict(), "rows": rows}
+    if export:
+        artefacts = export_artifacts(best[1].embedder, test_set, config, out_dir, name="vehicles")
+        results["export"] = {"method": best[0]["method"], "pushed": artefacts["push"].pushed,
+                             "reason": artefacts["push"].reason, "saved_model": artefacts["saved_model"],
+                             "index": artefacts.get("index"), "tflite": artefacts.get("tflite"),
+                             "tflite_parity": artefacts.get("tflite_parity")}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, default=float)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     return results, table
+
+
+def gallery_ids(imageset):
+    """String ids of an image set's items: file paths when it has them, else `<class>/<index>`."""
+    if imageset.paths is not None:
+        return [str(p) for p in imageset.paths]
+    names = imageset.class_names
+    return [f"{names[label] if names else label}/{i:06d}" for i, label in enumerate(imageset.labels)]
+
+
+def export_artifacts(embedder, gallery, config, out_dir, name="fgkeras", flavour="exact", k=10,
+                     tflite_modes=("fp32", "dynamic", "int8"), force=False):
+    """Everything a deployment needs, from one trained embedder.
+
+    Embeds `gallery`, evaluates it, builds an index of it, and writes under `out_dir`:
+    `saved_models/<name>/<version>/` (embed + search signatures on image bytes, warmup
+    requests, model card; pushed only if the blessing gate passes), `indexes/<name>/`
+    (the live index the gRPC server serves and updates), and
+    `tflite/<name>/embedder_<mode>.tflite` with `parity.json`.
+
+    Returns:
+        dict with `push` (the `PushResult`), `metrics`, and the paths written.
+    """
+    from fgkeras import export, index
+
+    dataset = gallery.as_dataset(image_size=config.data.image_size, batch_size=config.eval.batch_size)
+    arrays = evaluation.embed_dataset(embedder, dataset)
+    metrics = evaluation.retrieval_metrics(arrays["embeddings"], arrays["label"])
+    gallery_index = index.ExactIndex().build(arrays["embeddings"], gallery_ids(gallery))
+    root = os.path.join(out_dir, "saved_models", name)
+    pushed = export.export_and_push(
+        embedder, root, config.data.image_size, metrics, index=gallery_index, k=k, flavour=flavour,
+        name=name, data=config.data, config=config, force=force,
+    )
+    result = {"push": pushed, "metrics": metrics, "saved_model": pushed.path}
+    if not pushed.pushed:
+        return result
+    index_dir = os.path.join(out_dir, "indexes", name)
+    gallery_index.save(index_dir)
+    result["index"] = index_dir
+    if tflite_modes:
+        tflite_dir = os.path.join(out_dir, "tflite", name)
+        os.makedirs(tflite_dir, exist_ok=True)
+        sample = gallery.subset(np.random.default_rng(0).permutation(len(gallery))[:256])
+        images = np.stack([x["image"].numpy() for x in sample.as_dataset(image_size=config.data.image_size)])
+        paths = export.export_tflite_variants(embedder, tflite_dir, config.data.image_size, images[:128],
+                                              modes=tflite_modes)
+        parity = export.tflite_parity(embedder, paths, images, sample.labels, saved_model=pushed.path)
+        with open(os.path.join(tflite_dir, "parity.json"), "w") as f:
+            json.dump(parity, f, indent=2, default=float)
+        result["tflite"] = paths
+        result["tflite_parity"] = parity
+    return result

@@ -17,6 +17,30 @@ def test_demo_smoke_writes_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| triplet_batch_hard |" in printed
     assert results["config"]["train"]["epochs"] == 2  # --smoke took effect
+    exported = results["export"]
+    assert exported["pushed"] and exported["saved_model"].endswith(os.path.join("vehicles", "1"))
+    assert os.path.exists(os.path.join(exported["saved_model"], "saved_model.pb"))
+    assert os.path.exists(os.path.join(exported["index"], "manifest.json"))
+    assert exported["tflite_parity"]["fp32"]["max_abs_diff"] < 1e-4
+    assert "TFLite int8:" in printed
+
+
+def test_export_refuses_a_worse_model_through_the_gate(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--smoke", "--method", "triplet_batch_hard", "--out", str(run)]) == 0
+    model = str(run / "model.keras")
+    out = str(tmp_path / "deploy")
+    assert cli.main(["export", "--smoke", "--model", model, "--out", out, "--name", "cars", "--no-tflite"]) == 0
+    assert os.path.isdir(os.path.join(out, "saved_models", "cars", "1"))
+    card = json.loads(open(os.path.join(out, "saved_models", "cars", "1", "assets.extra", "model_card.json")).read())
+    # A serving version that claims perfect recall: the same model is now worse and is refused.
+    card["metrics"]["recall@1"] = 1.0
+    with open(os.path.join(out, "saved_models", "cars", "1", "assets.extra", "model_card.json"), "w") as f:
+        json.dump(card, f)
+    capsys.readouterr()
+    assert cli.main(["export", "--smoke", "--model", model, "--out", out, "--name", "cars", "--no-tflite"]) == 1
+    assert "Not pushed" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "saved_models", "cars", "2"))
 
 
 def test_train_then_evaluate_a_saved_model(tmp_path, capsys):
