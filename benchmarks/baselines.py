@@ -18,13 +18,13 @@ METHODS = ["softmax", "softmax_nobias", "triplet_random", "triplet_batch_hard"]
 METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r"]
 
 
-def datasets(skip_cars=False):
-    """(name, config) of the synthetic vehicles and, when present, cars196_half."""
-    found = [("synthetic vehicles, unseen classes", configs.get_config("baseline"))]
+def datasets(skip_cars=False, only_cars=False):
+    """(slug, name, config) of the synthetic vehicles and, when present, cars196_half."""
+    found = [] if only_cars else [("synthetic", "synthetic vehicles, unseen classes", configs.get_config("baseline"))]
     if not skip_cars and _common.os.path.exists(_common.SHARED_CARS196):
         cars = configs.get_config("cars196")
         cars.data.path = _common.SHARED_CARS196
-        found.append(("cars196_half, classes 99–196", cars))
+        found.append(("cars196", "cars196_half, classes 99–196", cars))
     return found
 
 
@@ -42,10 +42,10 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--skip-cars", action="store_true")
+    parser.add_argument("--only-cars", action="store_true")
     args = parser.parse_args()
 
-    sections = []
-    for name, config in datasets(args.skip_cars):
+    for slug, name, config in datasets(args.skip_cars, args.only_cars):
         if args.smoke:
             configs.smoke(config)
         configs.override(config, args.set)
@@ -53,8 +53,7 @@ def main():
         rows = _common.compare_variants(config, variants, range(args.seeds), METRICS)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
-        sections.append((name, table + "\n\n" + budget(config)))
-    print("wrote", _common.write_results("baselines", sections))
+        print("wrote", _common.write_results(f"baselines_{slug}", [(name, table + "\n\n" + budget(config))]))
 
 
 if __name__ == "__main__":

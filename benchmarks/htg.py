@@ -62,10 +62,11 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--skip-cars", action="store_true")
+    parser.add_argument("--only-cars", action="store_true")
+    parser.add_argument("--skip-step-time", action="store_true")
     args = parser.parse_args()
 
-    sections = []
-    for name, config in datasets(args.skip_cars):
+    for slug, name, config in datasets(args.skip_cars, args.only_cars):
         if args.smoke:
             configs.smoke(config)
         configs.override(config, args.set)
@@ -74,11 +75,11 @@ def main():
         print(f"\n{name}\n{table}", flush=True)
         note = (f"HTG: {config.train.warmup_epochs} of the {config.train.epochs} epochs on the basic "
                 f"model (no-bias softmax + batch-hard), the rest on the game. ")
-        sections.append((name, table + "\n\n" + note + budget(config)))
-    ratios = step_ratios()
-    print(ratios)
-    sections.append(("Step time", ratios))
-    print("wrote", _common.write_results("htg", sections))
+        print("wrote", _common.write_results(f"htg_{slug}", [(name, table + "\n\n" + note + budget(config))]))
+    if not args.skip_step_time:
+        ratios = step_ratios()
+        print(ratios)
+        print("wrote", _common.write_results("htg_step_time", [("Step time", ratios)]))
 
 
 if __name__ == "__main__":
