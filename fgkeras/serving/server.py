@@ -1,0 +1,413 @@
+"""The retrieval server: TF Serving's gRPC API for an fgkeras export, with a live inventory.
+
+Services on one port:
+
+- `tensorflow.serving.PredictionService`: `Predict` (every signature of the served version;
+  `model_spec.version` pins a version, none means the latest; `signature_name` defaults to
+  `serving_default`) and `GetModelMetadata` (`signature_def`, as TF Serving answers it).
+- `tensorflow.serving.ModelService`: `GetModelStatus`.
+- `fgkeras.serving.InventoryService` (`protos/inventory.proto`), when the server has an index:
+  `Upsert`, `Delete`, `Count`; the `search` signature is then the model's `embed` followed by a
+  search of that live index, so a search sees every acknowledged change.
+- `grpc.health.v1.Health`: SERVING once a version is loaded, NOT_SERVING while shutting down.
+
+Any TF Serving client works unchanged (`prediction_service_pb2_grpc.PredictionServiceStub`); the
+`fgkeras.serving.Client` wraps the stubs for Python users.
+
+Errors are gRPC statuses: NOT_FOUND for an unknown model, version or signature; INVALID_ARGUMENT
+saying what is wrong with a tensor or an image; RESOURCE_EXHAUSTED when a request is too large or
+the server is saturated; DEADLINE_EXCEEDED when the client's deadline passed in the queue.
+
+Example:
+```python
+server = fgkeras.serving.serve("saved_models/cars", port=8500, index_dir="indexes/cars")
+server.wait()      # until SIGTERM / SIGINT (or another thread's `server.stop()`)
+```
+"""
+
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import error_codes_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from fgkeras.serving.batching import BatchingParameters, BatchScheduler
+from fgkeras.serving.inventory import Inventory, InventoryServicer
+from fgkeras.serving.models import ModelManager
+from fgkeras.serving.protos import inventory_pb2, inventory_pb2_grpc
+from fgkeras.serving.signatures import Limits, LiveSearchSignature, check_images
+from fgkeras.serving.status import (
+    ServingError,
+    abort_on_error,
+    deadline_exceeded,
+    deadline_of,
+    invalid_argument,
+)
+from fgkeras.serving.tensors import fill_proto
+
+logger = logging.getLogger(__name__)
+
+SIGNATURE_DEF_FIELD = "signature_def"
+EMBED_SIGNATURE_KEYS = ("embed", "serving_default")
+# (tensorflow_serving.apis' prediction_service_pb2 / model_service_pb2 do not import with protobuf 7;
+# their *_pb2_grpc stubs and servicers do.)
+SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+INVENTORY_SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"].full_name
+
+
+def embed_signature(servable):
+    """The signature that embeds encoded images: `embed`, else `serving_default`, when it takes
+    one string `[None]` input and returns a float32 `[None, D]` output; else None."""
+    for key in EMBED_SIGNATURE_KEYS:
+        signature = servable.signatures.get(key)
+        if signature is None or len(signature.inputs) != 1 or len(signature.outputs) < 1:
+            continue
+        ((dtype, dims),) = signature.inputs.values()
+        output = signature.outputs.get("embeddings") or next(iter(signature.outputs.values()))
+        if dtype == types_pb2.DT_STRING and dims == [-1] and output[0] == types_pb2.DT_FLOAT and \
+                output[1] is not None and len(output[1]) == 2:
+            return signature
+    return None
+
+
+def embedding_dim(signature):
+    """D of an embed signature's float32 [None, D] output, or None when the SignatureDef leaves it open."""
+    _, dims = signature.outputs.get("embeddings") or next(iter(signature.outputs.values()))
+    return dims[1] if dims[1] > 0 else None
+
+
+class _Executor:
+    """Runs a signature on a payload: through the batch scheduler when batching, else directly."""
+
+    def __init__(self, batcher):
+        self.batcher = batcher
+
+    def run(self, servable, signature, payload, rows, deadline):
+        if self.batcher is not None and signature.batched:
+            return self.batcher.run((servable, signature.name), signature.run_many, payload, rows, deadline)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise deadline_exceeded("the deadline passed before the request ran")
+        return signature.run_many([payload])[0]
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """`tensorflow.serving.PredictionService`: Predict and GetModelMetadata."""
+
+    def __init__(self, models, executor, limits):
+        self._models = models
+        self._executor = executor
+        self._limits = limits
+
+    def Predict(self, request, context):
+        with abort_on_error(context), self._models.acquire(request.model_spec) as servable:
+            signature = servable.signature(request.model_spec.signature_name)
+            payload, rows = signature.parse(request.inputs, self._limits)
+            wanted = list(request.output_filter)
+            unknown = [key for key in wanted if key not in signature.outputs]
+            if unknown:
+                raise invalid_argument(f"output_filter names {unknown}, which signature {signature.name!r} does not "
+                                       f"have; its outputs are {sorted(signature.outputs)}")
+            outputs = self._executor.run(servable, signature, payload, rows, deadline_of(context))
+            response = predict_pb2.PredictResponse()
+            spec = response.model_spec
+            spec.name = servable.name
+            spec.version.value = servable.version
+            spec.signature_name = signature.name
+            for key, value in outputs.items():
+                if not wanted or key in wanted:
+                    fill_proto(response.outputs[key], value)
+            return response
+
+    def GetModelMetadata(self, request, context):
+        with abort_on_error(context):
+            if not request.metadata_field:
+                raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+            for field in request.metadata_field:
+                if field != SIGNATURE_DEF_FIELD:
+                    raise invalid_argument(f"Metadata field {field!r} is not supported (only {SIGNATURE_DEF_FIELD!r})")
+            with self._models.acquire(request.model_spec) as servable:
+                response = get_model_metadata_pb2.GetModelMetadataResponse()
+                response.model_spec.name = servable.name
+                response.model_spec.version.value = servable.version
+                response.metadata[SIGNATURE_DEF_FIELD].Pack(servable.signature_def_map())
+                return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """`tensorflow.serving.ModelService`: GetModelStatus (HandleReloadConfigRequest is UNIMPLEMENTED)."""
+
+    def __init__(self, models):
+        self._models = models
+
+    def GetModelStatus(self, request, context):
+        with abort_on_error(context):
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for status in self._models.status(request.model_spec):
+                entry = response.model_version_status.add(version=status.version, state=status.state)
+                if status.error:
+                    entry.status.error_code = error_codes_pb2.UNKNOWN
+                    entry.status.error_message = status.error
+            return response
+
+
+class Server:
+    """A gRPC retrieval server for one model (see the module docstring); `serve()` builds and starts one.
+
+    Args:
+        model_dir: the model's base path, `saved_models/<name>` (integer version directories).
+        model_name: the name clients use in `model_spec.name` (default: the directory's name).
+            Requests with an empty name are served too (this server has one model).
+        host: the interface to listen on. The default is loopback only; "0.0.0.0" or "::" listen
+            on every interface (no TLS: put the server behind a proxy that adds it).
+        port: the port (0: a free one; read it back from `server.port`).
+        batching: True (default parameters), False, or `BatchingParameters`.
+        index_dir: the live inventory's index directory (see `fgkeras.serving.inventory`); None
+            serves the export's own signatures only, without InventoryService.
+        limits: `Limits` of one request.
+        num_versions: serve the latest this many versions.
+        versions: serve exactly these versions instead.
+        poll_seconds: how often `model_dir` is polled for new versions (0: never).
+        default_k: neighbours of a live search without `k`.
+        grace_seconds: how long `stop()` lets running requests finish.
+        snapshot_every: inventory changes between two snapshots of the index.
+        warmup: replay each version's warmup requests before serving it.
+    """
+
+    def __init__(self, model_dir, model_name=None, host="127.0.0.1", port=8500, batching=True, index_dir=None,
+                 limits=None, num_versions=1, versions=None, poll_seconds=1.0, default_k=10, grace_seconds=10.0,
+                 snapshot_every=1000, warmup=True):
+        if not os.path.isdir(model_dir):
+            raise ValueError(f"`model_dir` must be a directory of integer versions. Received: model_dir={model_dir!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"`port` must be an int in [0, 65535]. Received: port={port!r}")
+        if isinstance(default_k, bool) or not isinstance(default_k, int) or default_k < 1:
+            raise ValueError(f"`default_k` must be a positive int. Received: default_k={default_k!r}")
+        if batching is True:
+            batching = BatchingParameters()
+        elif batching is not False and not isinstance(batching, BatchingParameters):
+            raise ValueError(f"`batching` must be True, False or a BatchingParameters. Received: batching={batching!r}")
+        self.model_name = model_name or os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
+        self.host = host
+        self.limits = limits or Limits()
+        self.default_k = default_k
+        self.grace_seconds = grace_seconds
+        self.batching = batching or None
+        self._requested_port = port
+        self._index_dir = index_dir
+        self._snapshot_every = snapshot_every
+        self.inventory = None
+        self.batcher = BatchScheduler(batching) if batching else None
+        self._executor = _Executor(self.batcher)
+        self.models = ModelManager(model_dir, self.model_name, self.limits, num_versions=num_versions,
+                                   versions=versions, poll_seconds=poll_seconds,
+                                   extend_signatures=self._extend_signatures if index_dir else None, warmup=warmup)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.port = None
+        self._grpc = None
+        self._state_lock = threading.Lock()
+        self._started = False
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._stop_requested = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self):
+        """Loads the model (and the inventory), binds the port and starts serving.
+
+        Raises:
+            ValueError: no version of the model can be served.
+            RuntimeError: the port cannot be bound.
+        """
+        with self._state_lock:
+            if self._started:
+                raise RuntimeError("This server was already started; build a new one.")
+            self._started = True
+        try:
+            if self._index_dir:
+                self.inventory = Inventory(self._index_dir, snapshot_every=self._snapshot_every)
+            self.models.start()
+            self._grpc = self._build_grpc_server()
+            address = f"[{self.host}]:{self._requested_port}" if ":" in self.host else \
+                f"{self.host}:{self._requested_port}"
+            try:
+                self.port = self._grpc.add_insecure_port(address)
+            except RuntimeError as error:
+                raise RuntimeError(f"Cannot listen on {address}: {error}") from None
+            if not self.port:
+                raise RuntimeError(f"Cannot listen on {address} (in use, or not an interface of this machine)")
+            self._grpc.start()
+        except BaseException:
+            self._release()
+            with self._state_lock:
+                self._stopping = True
+            self._stopped.set()
+            raise
+        for service in ("", *SERVICE_NAMES, *([INVENTORY_SERVICE_NAME] if self.inventory is not None else [])):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("listening on %s: reachable from other machines, without TLS", self.host)
+        logger.info("serving model %r versions %s on %s (batching %s%s)", self.model_name,
+                    self.models.available_versions, self.address, "on" if self.batcher else "off",
+                    f", inventory of {len(self.inventory)} items" if self.inventory is not None else "")
+        return self
+
+    @property
+    def address(self):
+        """`host:port` to give a client."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def stop(self, grace=None):
+        """Stops gracefully: health turns NOT_SERVING, new RPCs are refused, running ones get
+        `grace` seconds (default `grace_seconds`) to finish; then the inventory is snapshotted
+        and the model released. Safe to call more than once and from any thread."""
+        with self._state_lock:
+            if not self._started:
+                return
+            stopping, self._stopping = self._stopping, True
+        if stopping:
+            self._stopped.wait()
+            return
+        logger.info("stopping the server on %s", self.address)
+        self.health.enter_graceful_shutdown()
+        try:
+            if self._grpc is not None:
+                self._grpc.stop(self.grace_seconds if grace is None else grace).wait()
+            self._release()
+        finally:
+            self._stopped.set()
+        logger.info("server stopped")
+
+    def wait(self, timeout=None, handle_signals=True):
+        """Blocks until the server has stopped; SIGTERM or SIGINT stops it gracefully.
+
+        Args:
+            timeout: seconds to wait at most (None: until stopped).
+            handle_signals: install SIGTERM / SIGINT handlers while waiting (main thread only).
+        Returns:
+            True when the server has stopped, False on timeout.
+        """
+        previous = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self._on_signal)
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._stopped.is_set():
+                if self._stop_requested.is_set():
+                    self.stop()
+                    break
+                if end is not None and time.monotonic() >= end:
+                    return False
+                self._stop_requested.wait(0.2)
+            return True
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def stats(self):
+        """Batching counters and the available versions (for tests and benchmarks)."""
+        return {"versions": self.models.available_versions,
+                "batching": self.batcher.stats() if self.batcher else None,
+                "inventory": len(self.inventory) if self.inventory is not None else None}
+
+    def __enter__(self):
+        return self if self._started else self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # ------------------------------------------------------------------ internals
+
+    def _on_signal(self, signum, frame):
+        logger.info("received %s: shutting down", signal.Signals(signum).name)
+        self._stop_requested.set()
+
+    def _release(self):
+        if self.batcher is not None:
+            self.batcher.close()
+        self.models.close()
+        if self.inventory is not None:
+            self.inventory.close()
+
+    def _build_grpc_server(self):
+        limits = self.limits
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_rpcs, thread_name_prefix="fgkeras-rpc"),
+            options=[("grpc.max_receive_message_length", limits.max_request_bytes),
+                     ("grpc.max_send_message_length", max(limits.max_request_bytes, 64 * 1024 * 1024)),
+                     ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.models, self._executor, limits), server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.models), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.inventory is not None:
+            inventory_pb2_grpc.add_InventoryServiceServicer_to_server(
+                InventoryServicer(self.inventory, self._embed_images, self._model_dim, limits), server)
+        return server
+
+    def _extend_signatures(self, servable):
+        """The live `search` signature for a version, if its embeddings fit the inventory."""
+        embed = embed_signature(servable)
+        if embed is None:
+            raise ValueError(f"version {servable.version} has no `embed` / `serving_default` signature from "
+                             "string images to float32 [None, D] embeddings, which a live inventory needs")
+        made, held = embedding_dim(embed), self.inventory.dim
+        if None not in (made, held) and made != held:
+            raise ValueError(f"version {servable.version} makes {made}-d embeddings but the inventory at "
+                             f"{self.inventory.index_dir} holds {held}-d vectors")
+        return {"search": LiveSearchSignature(embed, self.inventory, default_k=self.default_k)}
+
+    def _model_dim(self):
+        """The embedding dimension of the latest version, when its signature declares it."""
+        servable = self.models.latest()
+        signature = embed_signature(servable) if servable is not None else None
+        return embedding_dim(signature) if signature is not None else None
+
+    def _embed_images(self, images, version, deadline):
+        """Embeds encoded images for an upsert with the latest (or the given) version."""
+        spec = model_pb2.ModelSpec(name=self.model_name)
+        if version:
+            spec.version.value = version
+        check_images(images, "images", self.limits)
+        with self.models.acquire(spec) as servable:
+            signature = embed_signature(servable)
+            if signature is None:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"version {servable.version} has no signature that embeds images")
+            (key,) = signature.inputs
+            output = "embeddings" if "embeddings" in signature.outputs else next(iter(signature.outputs))
+            outputs = self._executor.run(servable, signature, {key: images}, len(images), deadline)
+            return outputs[output], servable.version
+
+
+def serve(model_dir, model_name=None, host="127.0.0.1", port=8500, batching=True, index_dir=None, **kwargs):
+    """Starts a `Server` (see its arguments) and returns it; `server.wait()` blocks until SIGTERM.
+
+    Example:
+    ```python
+    server = serve("saved_models/cars", port=0)
+    client = fgkeras.serving.Client(server.address)
+    ...
+    server.stop()
+    ```
+    """
+    return Server(model_dir, model_name=model_name, host=host, port=port, batching=batching, index_dir=index_dir,
+                  **kwargs).start()
