@@ -68,6 +68,13 @@ def cmd_demo(args):
     print(table)
     if "export" in results:
         _print_export(results["export"])
+    if "served" in results:
+        served = results["served"]
+        print(f"gRPC server on {served['address']}: a photo of a model the inventory lacks →")
+        for item, score in zip(served["top_ids"], served["top_scores"]):
+            print(f"  {score:.3f}  {item}")
+        print(f"after Upsert('new-arrival'): {served['top_scores_after_upsert'][0]:.3f}  "
+              f"{served['top_ids_after_upsert'][0]}")
     print(f"Results written to {os.path.join(args.out, 'results.json')}")
 
 
@@ -101,6 +108,28 @@ def cmd_export(args):
                    "saved_model": artefacts["saved_model"], "index": artefacts.get("index"),
                    "tflite": artefacts.get("tflite"), "tflite_parity": artefacts.get("tflite_parity")})
     return 0 if artefacts["push"].pushed else 1
+
+
+def cmd_serve(args):
+    from fgkeras import serving
+
+    batching = serving.BatchingParameters(max_batch_size=args.max_batch_size,
+                                          batch_timeout_micros=args.batch_timeout_micros) if args.batching else False
+    server = serving.serve(args.model_dir, model_name=args.model_name, host=args.host, port=args.port,
+                           batching=batching, index_dir=args.index_dir)
+    print(f"fgkeras serve: {args.model_dir} on {server.address} (SIGTERM or Ctrl-C stops)", flush=True)
+    server.wait()
+
+
+def cmd_search(args):
+    from fgkeras import serving
+
+    with serving.Client(args.server, model_name=args.model_name or "") as client:
+        ids, scores = client.search(args.images, k=args.k)
+    for image, row_ids, row_scores in zip(args.images, ids, scores):
+        print(image)
+        for item, score in zip(row_ids, row_scores):
+            print(f"  {score:.3f}  {item}")
 
 
 def _load_model(path):
@@ -145,6 +174,26 @@ def build_parser():
     export.add_argument("--no-tflite", action="store_true", help="skip the TFLite files")
     export.add_argument("--force", action="store_true", help="push even if the blessing gate refuses")
     export.set_defaults(func=cmd_export)
+
+    serve = commands.add_parser("serve", help="serve saved_models/<name> over TF Serving's gRPC protocol")
+    serve.add_argument("--model-dir", required=True, help="saved_models/<name> (integer version folders)")
+    serve.add_argument("--model-name", help="name clients put in model_spec (default: the folder name)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8500)
+    serve.add_argument("--index-dir", help="a saved fgkeras index: `search` uses it and the inventory "
+                                           "service edits it live")
+    serve.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
+                       help="server-side dynamic batching (default: on)")
+    serve.add_argument("--max-batch-size", type=int, default=32)
+    serve.add_argument("--batch-timeout-micros", type=int, default=0)
+    serve.set_defaults(func=cmd_serve)
+
+    search = commands.add_parser("search", help="search a running server with image files")
+    search.add_argument("images", nargs="+", help="JPEG/PNG files")
+    search.add_argument("--server", default="127.0.0.1:8500", help="HOST:PORT (default: %(default)s)")
+    search.add_argument("--model-name", help="model_spec.name (default: the server's only model)")
+    search.add_argument("--k", type=int, default=5)
+    search.set_defaults(func=cmd_search)
     return parser
 
 

@@ -210,6 +210,11 @@ def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard", "
                              "reason": artefacts["push"].reason, "saved_model": artefacts["saved_model"],
                              "index": artefacts.get("index"), "tflite": artefacts.get("tflite"),
                              "tflite_parity": artefacts.get("tflite_parity")}
+        if artefacts["push"].pushed:
+            # A query from a class the gallery does not hold yet: a new arrival.
+            query = next(iter(train_set.as_dataset(image_size=config.data.image_size)))["image"].numpy()
+            results["served"] = serve_and_query(os.path.dirname(artefacts["saved_model"]), artefacts["index"],
+                                                query)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -268,3 +273,26 @@ def export_artifacts(embedder, gallery, config, out_dir, name="fgkeras", flavour
         result["tflite"] = paths
         result["tflite_parity"] = parity
     return result
+
+
+def serve_and_query(model_root, index_dir, image, k=5):
+    """Starts the gRPC server on a free loopback port, queries it with the client, stops it.
+
+    `image` (uint8, H×W×3) is searched, upserted under the id "new-arrival" and searched
+    again: a growing inventory must find the new item first at once.
+    Returns the address and both answers.
+    """
+    from fgkeras import serving
+
+    server = serving.serve(model_root, port=0, index_dir=index_dir)
+    try:
+        with serving.Client(server.address) as client:
+            ids, scores = client.search([image], k=k)
+            client.upsert(["new-arrival"], images=[image])
+            after, after_scores = client.search([image], k=k)
+    finally:
+        server.stop()
+    return {"address": server.address,
+            "top_ids": [str(i) for i in ids[0]], "top_scores": [float(x) for x in scores[0]],
+            "top_ids_after_upsert": [str(i) for i in after[0]],
+            "top_scores_after_upsert": [float(x) for x in after_scores[0]]}

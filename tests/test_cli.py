@@ -23,6 +23,10 @@ def test_demo_smoke_writes_results(tmp_path, capsys):
     assert os.path.exists(os.path.join(exported["index"], "manifest.json"))
     assert exported["tflite_parity"]["fp32"]["max_abs_diff"] < 1e-4
     assert "TFLite int8:" in printed
+    served = results["served"]  # through the real gRPC server and client
+    assert len(served["top_ids"]) == 5 and "new-arrival" not in served["top_ids"]
+    assert served["top_ids_after_upsert"][0] == "new-arrival"
+    assert served["top_scores_after_upsert"][0] > 0.99
 
 
 def test_export_refuses_a_worse_model_through_the_gate(tmp_path, capsys):
