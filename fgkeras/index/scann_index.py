@@ -1,0 +1,615 @@
+"""A mutable ScaNN index (scann 1.4.2 pybind API) configured from the gallery size, with `tune()`.
+
+How mutations work: scann 1.4.2's pybind searcher supports `upsert` and `delete` in brute-force,
+asymmetric-hashing and tree + AH modes alike — new points are hashed with the trained codebook and
+assigned to their nearest leaf, replaced ones re-encoded in place, a deleted one is replaced by the
+last datapoint (the order `Index` keeps, so a storage row *is* a ScaNN datapoint index). Both are
+visible to the next search at once, no buffer or tombstone needed. The partitioning and codebooks are
+only trained at build time, so after many mutations the index is retrained (`rebalance`) from its
+current contents: automatically once the mutations since the last training exceed
+`rebalance_fraction` of the size trained on, with the auto-configuration re-derived from the new size
+(a gallery that grew from 5k to 500k moves from brute force to a tree).
+
+Saving writes ScaNN's own assets (`searcher.serialize`: protobufs and .npy arrays) under `scann/`,
+never the pickle of doc ids that the pybind wrapper adds; ids live in our `ids.json`. Loading checks
+every file against the manifest, then restores the searcher from those assets (no retraining).
+"""
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fgkeras.index.base import Index, IndexFormatError, _check_matrix, recall_at_k
+from fgkeras.index.exact import exact_search
+
+logger = logging.getLogger(__name__)
+
+MODES = ("brute_force", "ah", "tree")
+# ScaNN's guidance (docs/algorithms.md): brute force below ~20k points, AH + reordering below
+# ~100k, partitioning + AH + reordering above, with about sqrt(N) leaves.
+BRUTE_FORCE_BELOW = 20_000
+TREE_FROM = 100_000
+# Galleries from this size get a progress bar while they are indexed.
+PROGRESS_FROM = 50_000
+_UPSERT_CHUNK = 10_000
+_UNIT_NORM_TOLERANCE = 1e-3
+ASSETS_DIR = "scann"
+# Points the AH codebooks train on (what ScaNN's autopilot uses): 16 centres per block of 2
+# dimensions need far fewer than the tree, and AH training dominates the build time otherwise.
+AH_TRAINING_SAMPLE = 32_000
+# Gallery points used as queries by the calibration of the search-time settings.
+CALIBRATION_QUERIES = 300
+
+
+DEFAULT_REORDER = 250
+
+
+def default_mode(num_points):
+    """ScaNN's guidance: brute force below 20k points, AH + reordering below 100k, tree + AH above."""
+    if num_points < BRUTE_FORCE_BELOW:
+        return "brute_force"
+    return "ah" if num_points < TREE_FROM else "tree"
+
+
+class ScannIndex(Index, kind="scann"):
+    """Approximate inner-product search with ScaNN, configured from the gallery size.
+
+    With no arguments the structure follows ScaNN's own guidance for N points: brute force below
+    20k; asymmetric hashing (AH, `dims_per_block` = 2, anisotropic threshold 0.2) with exact
+    reordering below 100k; above, a k-means tree of about sqrt(N) leaves, then AH and
+    reordering. The search-time settings (leaves searched, candidates reordered) are then
+    *calibrated* at build time: the fastest setting whose Recall@10 reaches `calibration_recall`
+    on 300 gallery points used as queries (their own match left out). Queries unlike the gallery
+    may get less: `tune()` with real queries does the same on them. Every setting can be forced;
+    `config` tells what is in use (and `settings_for(n)` the rules before calibration: 10 % of
+    the leaves, 250 reordered).
+
+    Args:
+        mode: None (from N), "brute_force", "ah" or "tree".
+        num_leaves: tree leaves (default about sqrt(N)).
+        num_leaves_to_search: leaves searched per query (default: calibrated).
+        reorder: candidates re-scored exactly after AH (default: calibrated; at least k).
+        dims_per_block: AH dimensions per 16-centre codebook block.
+        anisotropic_quantization_threshold: ScaNN's AVQ threshold for AH (NaN: plain AH).
+        spherical: spherical k-means tree. None: when every vector is L2-normalised (on such data a
+            generic tree was measured to stall at Recall@10 0.985). ScaNN normalises what it stores
+            in a spherical tree, so such an index then only accepts unit-norm vectors.
+        training_sample_size: points the tree and AH codebooks train on (default
+            max(100k, 100 × leaves), at most N). Larger galleries train on a random sample, then
+            the rest is added in chunks under a progress bar, so the storage order is shuffled.
+        threads: search threads (default: every core). 1 searches batches serially; more uses
+            ScaNN's parallel batched search, which in scann 1.4.2 uses every core whatever this
+            setting.
+        training_threads: threads for training (default 0: ScaNN's choice, every core).
+        rebalance_fraction: retrain after this many mutations per trained point (None: never
+            automatically; `rebalance()` is public).
+        calibration_recall: Recall@10 the calibration aims at (None: no calibration, the rules).
+        seed: seed of the training sample.
+        progress: show a progress bar when indexing 50k points or more.
+    """
+
+    def __init__(self, mode=None, num_leaves=None, num_leaves_to_search=None, reorder=None,
+                 dims_per_block=2, anisotropic_quantization_threshold=0.2, spherical=None,
+                 training_sample_size=None, threads=None, training_threads=0,
+                 rebalance_fraction=0.5, calibration_recall=0.96, seed=0, progress=True):
+        super().__init__()
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"`mode` must be None or one of {MODES}. Received: mode={mode!r}")
+        for name, value in (("num_leaves", num_leaves), ("num_leaves_to_search", num_leaves_to_search),
+                            ("reorder", reorder), ("training_sample_size", training_sample_size),
+                            ("threads", threads)):
+            if value is not None and not _is_positive_int(value):
+                raise ValueError(f"`{name}` must be a positive int or None. Received: {name}={value!r}")
+        if not _is_positive_int(dims_per_block):
+            raise ValueError(f"`dims_per_block` must be a positive int. Received: dims_per_block={dims_per_block!r}")
+        if isinstance(training_threads, bool) or not isinstance(training_threads, int) or training_threads < 0:
+            raise ValueError(f"`training_threads` must be an int >= 0. Received: training_threads={training_threads!r}")
+        if rebalance_fraction is not None and not (isinstance(rebalance_fraction, (int, float))
+                                                   and rebalance_fraction > 0):
+            raise ValueError(f"`rebalance_fraction` must be > 0 or None. Received: rebalance_fraction={rebalance_fraction!r}")
+        if calibration_recall is not None and not 0 < calibration_recall <= 1:
+            raise ValueError(f"`calibration_recall` must be in (0, 1] or None. Received: calibration_recall={calibration_recall!r}")
+        if spherical not in (None, True, False):
+            raise ValueError(f"`spherical` must be None, True or False. Received: spherical={spherical!r}")
+        self._options = {
+            "mode": mode, "num_leaves": num_leaves, "num_leaves_to_search": num_leaves_to_search,
+            "reorder": reorder, "dims_per_block": dims_per_block,
+            "anisotropic_quantization_threshold": float(anisotropic_quantization_threshold),
+            "spherical": spherical, "training_sample_size": training_sample_size,
+        }
+        self._threads = threads
+        self.training_threads = training_threads
+        self.rebalance_fraction = rebalance_fraction
+        self.calibration_recall = calibration_recall
+        self._calibration = None
+        self.seed = seed
+        self.progress = progress
+        self._tuned = {}
+        self._settings = None
+        self._searcher = None
+        self._trained_size = 0
+        self._mutations = 0
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def threads(self):
+        """Search threads (None: every core); settable at any time."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value):
+        if value is not None and not _is_positive_int(value):
+            raise ValueError(f"`threads` must be a positive int or None. Received: threads={value!r}")
+        self._threads = value
+        self._set_threads()
+
+    @property
+    def config(self):
+        """The settings in use (after auto-configuration and `tune()`), and the constructor's."""
+        settings = dict(self._settings) if self._settings else self._resolve(len(self))
+        return {**settings, "threads": self.threads or os.cpu_count(),
+                "training_threads": self.training_threads, "rebalance_fraction": self.rebalance_fraction,
+                "calibration": self._calibration, "seed": self.seed, "trained_size": self._trained_size,
+                "mutations_since_training": self._mutations}
+
+    def settings_for(self, num_points, unit_norm=True):
+        """The settings this index would build for `num_points` vectors (L2-normalised or not),
+        before the calibration of the search-time settings."""
+        return self._resolve(num_points, spherical=unit_norm)
+
+    def _resolve(self, num_points, spherical=None):
+        options = self._options
+        mode = options["mode"] or default_mode(num_points)
+        settings = {"mode": mode, "dims_per_block": options["dims_per_block"],
+                    "anisotropic_quantization_threshold": options["anisotropic_quantization_threshold"]}
+        if mode != "brute_force":
+            settings["reorder"] = options["reorder"] or self._tuned.get("reorder") or DEFAULT_REORDER
+        if mode == "tree":
+            leaves = options["num_leaves"] or round(math.sqrt(num_points))
+            leaves = max(2, min(leaves, num_points // 2))
+            tuned = self._tuned.get("num_leaves_to_search") if self._tuned.get("num_leaves") == leaves else None
+            searched = options["num_leaves_to_search"] or tuned or math.ceil(leaves / 10)
+            settings.update(
+                num_leaves=leaves,
+                num_leaves_to_search=max(1, min(leaves, searched)),
+                training_sample_size=max(1, min(num_points, options["training_sample_size"]
+                                                or max(100_000, 100 * leaves))),
+                spherical=options["spherical"] if options["spherical"] is not None else bool(spherical),
+            )
+        return settings
+
+    def configure(self, builder):
+        """Applies the settings in use to a ScaNN builder and returns it.
+
+        Both `scann.scann_ops_pybind.builder(db, k, "dot_product")` and the TensorFlow-ops
+        `scann.scann_ops.builder(db, k, "dot_product")` are accepted, so an in-graph searcher
+        over `embeddings` gets this index's structure and search-time settings:
+        `index.configure(scann_ops.builder(index.embeddings, k, "dot_product")).build()`.
+        """
+        if self._settings is None:
+            raise ValueError("`configure` needs the settings of a built index: build it first.")
+        return self._configure(builder, self._settings, len(builder.db))
+
+    @staticmethod
+    def _configure(builder, settings, num_points):
+        if settings["mode"] == "brute_force":
+            return builder.score_brute_force()
+        if settings["mode"] == "tree":
+            builder = builder.tree(
+                num_leaves=settings["num_leaves"], num_leaves_to_search=settings["num_leaves_to_search"],
+                training_sample_size=settings["training_sample_size"], spherical=settings["spherical"],
+                min_partition_size=min(50, max(1, num_points // (2 * settings["num_leaves"]))),
+            )
+        builder = builder.score_ah(
+            settings["dims_per_block"],
+            anisotropic_quantization_threshold=settings["anisotropic_quantization_threshold"],
+            training_sample_size=min(num_points, AH_TRAINING_SAMPLE),
+        )
+        return builder.reorder(settings["reorder"])
+
+    def _scann_config(self, settings, data):
+        from scann.scann_ops.py import scann_ops_pybind
+
+        return self._configure(scann_ops_pybind.builder(data, 10, "dot_product"), settings, len(data)).create_config()
+
+    # ------------------------------------------------------------------ building and mutations
+
+    def _on_build(self):
+        self._build_searcher()
+
+    def _build_searcher(self):
+        from scann.scann_ops.py import scann_ops_pybind
+
+        num_points = len(self)
+        self._mutations = 0
+        self._trained_size = num_points
+        if num_points == 0:
+            self._searcher, self._settings = None, self._resolve(0)
+            return
+        vectors = self._storage.vectors
+        unit = _unit_norm(vectors)
+        settings = self._resolve(num_points, spherical=unit)
+        if settings.get("spherical") and not unit:
+            raise ValueError(
+                "`spherical=True` needs L2-normalised vectors (ScaNN normalises what a spherical tree "
+                "stores); these are not. L2-normalise them or use spherical=False."
+            )
+        sample = settings.get("training_sample_size", num_points) if settings["mode"] != "brute_force" else num_points
+        if sample < num_points:
+            # Train on a random sample (what ScaNN's own sampling does), then add the rest in chunks
+            # under a progress bar. The storage is reordered to match ScaNN's datapoint order.
+            order = np.random.default_rng(self.seed).permutation(num_points)
+            self._storage.permute(order)
+            vectors = self._storage.vectors
+        logger.info("training ScaNN (%s) on %d of %d points, dim %d", settings["mode"], sample, num_points,
+                    vectors.shape[1])
+        head = np.ascontiguousarray(vectors[:sample])
+        searcher = scann_ops_pybind.create_searcher(head, self._scann_config(settings, head),
+                                                    self.training_threads).searcher
+        if sample < num_points:
+            searcher.reserve(num_points)
+            _upsert_chunks(searcher, [None] * (num_points - sample), vectors[sample:],
+                           progress=self.progress, description="indexing")
+        self._searcher, self._settings = searcher, settings
+        self._set_threads()
+        if self.calibration_recall is not None:
+            self._calibrate()
+
+    def _set_threads(self):
+        if self._searcher is not None:
+            self._searcher.set_num_threads(self.threads or os.cpu_count())
+
+    def _on_upsert(self, slots, embeddings):
+        if self._searcher is None:
+            self._build_searcher()
+            return
+        try:
+            _upsert_chunks(self._searcher, slots, embeddings, progress=self.progress, description="upserting")
+        except RuntimeError as error:  # the storage is the truth: rebuild ScaNN from it
+            logger.warning("ScaNN upsert failed (%s); rebuilding the searcher from the stored vectors", error)
+            self._build_searcher()
+            return
+        self._mutations += len(slots)
+        self._maybe_rebalance()
+
+    def upsert(self, ids, embeddings):
+        # A spherical tree would silently normalise non-unit vectors: refuse them before mutating.
+        if self._settings is not None and self._settings.get("spherical") and self._searcher is not None:
+            vectors = _check_matrix(embeddings, "embeddings", dim=self.dim, allow_vector=True)
+            if not _unit_norm(vectors):
+                raise ValueError(
+                    "`embeddings` must be L2-normalised: this index uses a spherical tree (chosen because "
+                    "the gallery was L2-normalised), which normalises what it stores. L2-normalise them, "
+                    "or build with ScannIndex(spherical=False)."
+                )
+        super().upsert(ids, embeddings)
+
+    upsert.__doc__ = Index.upsert.__doc__
+
+    def _on_delete(self, rows):
+        if len(self) == 0:
+            self._searcher = None
+            return
+        try:
+            self._searcher.delete(rows)
+        except RuntimeError as error:
+            logger.warning("ScaNN delete failed (%s); rebuilding the searcher from the stored vectors", error)
+            self._build_searcher()
+            return
+        self._mutations += len(rows)
+        self._maybe_rebalance()
+
+    def _maybe_rebalance(self):
+        if self.rebalance_fraction is not None and self._mutations > self.rebalance_fraction * max(self._trained_size, 1):
+            self.rebalance()
+
+    def rebalance(self):
+        """Retrains the partitioning and codebooks on the current contents.
+
+        The auto-configuration is re-derived from the current size: when it is unchanged, ScaNN's
+        own `rebalance` retrains in place; otherwise (e.g. a brute-force index grew past 20k) the
+        searcher is rebuilt with the new settings.
+        """
+        if self._searcher is None or len(self) == 0:
+            self._build_searcher()
+            return
+        settings = self._resolve(len(self), spherical=self._settings.get("spherical", False))
+        if settings == self._settings and settings["mode"] == "brute_force":
+            pass  # nothing is trained
+        elif settings == self._settings:
+            logger.info("rebalancing ScaNN (%s) on %d points", settings["mode"], len(self))
+            self._searcher.rebalance("")
+        else:
+            logger.info("rebuilding ScaNN for %d points: %s -> %s", len(self), self._settings, settings)
+            self._build_searcher()
+            return
+        self._mutations = 0
+        self._trained_size = len(self)
+
+    # ------------------------------------------------------------------ search
+
+    def _search(self, queries, k):
+        settings = self._settings
+        reorder = max(settings.get("reorder", k), k) if settings["mode"] != "brute_force" else -1
+        leaves = settings.get("num_leaves_to_search", -1)
+        return self._scann_search(queries, k, reorder, leaves)
+
+    def _scann_search(self, queries, k, reorder, leaves):
+        if reorder != -1:
+            reorder = max(reorder, k)
+        if len(queries) == 1:
+            rows, scores = self._searcher.search(queries[0], k, reorder, leaves)
+            if len(rows) == k:
+                return rows[None], scores[None]
+            rows, scores = _pad(rows[None], scores[None], k)
+        else:
+            parallel = (self.threads or os.cpu_count()) > 1
+            rows, scores = self._searcher.search_batched(queries, k, reorder, leaves, parallel, 256)
+            if not np.isnan(scores[:, -1]).any():
+                return rows, scores
+        # The leaves searched held fewer than k points: exact search completes those queries.
+        missing = np.isnan(scores).any(axis=1)
+        exact_rows, exact_scores = exact_search(self._storage.vectors, queries[missing], k)
+        rows, scores = rows.astype(np.int64), scores.copy()
+        rows[missing], scores[missing] = exact_rows, exact_scores
+        return rows, scores
+
+    def tune(self, queries, target_recall=0.95, k=10, repeats=2):
+        """Picks the fastest search-time setting reaching `target_recall` Recall@k, and applies it.
+
+        Recall@k = mean over `queries` of |approximate top k ∩ exact top k| / k, the exact top k
+        from `exact_search`. Tried: `reorder` on a ladder from k, and for each the fewest
+        `num_leaves_to_search` (bisection; recall grows with it) that reach the target; the fastest
+        of those (batched throughput over `queries` with the index's threads, best of `repeats`)
+        is applied, and kept by later rebalances while the tree keeps its number of leaves. If
+        nothing reaches the target, the setting of highest recall is applied.
+
+        Returns:
+            a report: `target_recall`, `k`, `reached`, `chosen` (the settings applied), `recall` and
+            `qps` of the choice, `before` (the same for the settings before) and `trials`.
+        """
+        if self._searcher is None:
+            raise ValueError("`tune` needs a non-empty index: build it first.")
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"`target_recall` must be in (0, 1]. Received: target_recall={target_recall!r}")
+        queries = _check_matrix(queries, "queries", dim=self.dim, allow_vector=True)
+        k = min(int(k), len(self))
+        exact_rows, _ = exact_search(self._storage.vectors, queries, k)
+        report = self._choose(queries, exact_rows, k, target_recall, repeats, exclude=None, fixed={})
+        if self._settings["mode"] != "brute_force":
+            self._tuned = {key: report["chosen"][key] for key in ("reorder", "num_leaves_to_search")
+                           if report["chosen"][key] != -1}
+            self._tuned["num_leaves"] = self._settings.get("num_leaves")
+        return report
+
+    def _calibrate(self):
+        """Sets the search-time settings that were neither given nor tuned: the fastest reaching
+        `calibration_recall` Recall@10 with gallery points as queries (their own match left out)."""
+        settings, options = self._settings, self._options
+        fixed = {key: settings[key] for key in ("reorder", "num_leaves_to_search")
+                 if key in settings and (options[key] is not None or key in self._tuned)}
+        if settings["mode"] == "brute_force" or len(fixed) == (2 if settings["mode"] == "tree" else 1):
+            return
+        num_points = len(self)
+        k = min(10, num_points - 1)
+        if k < 1:
+            return
+        rng = np.random.default_rng(self.seed + 1)
+        sample = np.sort(rng.choice(num_points, size=min(CALIBRATION_QUERIES, num_points), replace=False))
+        queries = np.ascontiguousarray(self._storage.vectors[sample])
+        exact_rows, _ = exact_search(self._storage.vectors, queries, k + 1)
+        exact_rows = _without(exact_rows, sample, k)
+        report = self._choose(queries, exact_rows, k, self.calibration_recall, 1, exclude=sample, fixed=fixed)
+        self._calibration = {"recall": round(report["recall"], 4), "target": self.calibration_recall,
+                             "queries": len(sample), "reached": report["reached"]}
+        logger.info("calibrated ScaNN search: %s, Recall@%d %.3f on %d gallery points", report["chosen"], k,
+                    report["recall"], len(sample))
+
+    def _choose(self, queries, exact_rows, k, target_recall, repeats, exclude, fixed):
+        """Searches the (reorder, leaves) settings and applies the fastest reaching the target."""
+        settings = self._settings
+        mode = settings["mode"]
+        leaves_max = settings.get("num_leaves", 0)
+
+        def recall_of(reorder, leaves):
+            rows, _ = self._scann_search(queries, k + (exclude is not None), reorder, leaves)
+            if exclude is not None:
+                rows = _without(rows, exclude, k)
+            return {"reorder": reorder, "num_leaves_to_search": leaves, "recall": recall_at_k(rows, exact_rows)}
+
+        def timed(trial):
+            seconds = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self._scann_search(queries, k, trial["reorder"], trial["num_leaves_to_search"])
+                seconds = min(seconds, time.perf_counter() - start)
+            return {**trial, "qps": len(queries) / seconds}
+
+        current = timed(recall_of(max(settings.get("reorder", k), k) if mode != "brute_force" else -1,
+                                  settings.get("num_leaves_to_search", -1)))
+        trials, candidates = [current], []
+        if mode != "brute_force":
+            ladder = [fixed["reorder"]] if "reorder" in fixed else sorted(
+                {max(k, r) for r in (k, 2 * k, 4 * k, 50, 100, 200, 400, 800)})
+            high, ceiling = leaves_max, -1.0
+            for reorder in ladder:
+                if mode == "ah" or "num_leaves_to_search" in fixed:
+                    trial = recall_of(reorder, fixed.get("num_leaves_to_search", -1))
+                    trials.append(trial)
+                    candidates.append(trial)
+                    continue
+                # The fewest leaves reaching the target, by bisection (recall grows with the leaves
+                # searched); more reordering never needs more leaves, so `high` only comes down.
+                low, best, top = 1, None, None
+                while low <= high:
+                    middle = (low + high) // 2
+                    trial = recall_of(reorder, middle)
+                    trials.append(trial)
+                    if trial["recall"] >= target_recall:
+                        best, high = trial, middle - 1
+                    else:
+                        low, top = middle + 1, trial
+                if best is not None:
+                    candidates.append(best)
+                    high = best["num_leaves_to_search"]
+                elif top is not None and top["num_leaves_to_search"] == leaves_max:
+                    if top["recall"] <= ceiling + 1e-3:
+                        break  # searching every leaf, more reordering no longer helps
+                    ceiling = top["recall"]
+        reached = [timed(c) for c in candidates if c["recall"] >= target_recall]
+        if current["recall"] >= target_recall:
+            reached.append(current)
+        if reached:
+            chosen = max(reached, key=lambda t: t["qps"])
+        else:
+            chosen = max(trials, key=lambda t: t["recall"])
+            chosen = timed(chosen) if "qps" not in chosen else chosen
+            logger.warning("no ScaNN setting reached Recall@%d %.3f; applied the best, %.3f",
+                           k, target_recall, chosen["recall"])
+        if mode != "brute_force":
+            self._settings = {**settings, "reorder": chosen["reorder"]}
+            if mode == "tree":
+                self._settings["num_leaves_to_search"] = chosen["num_leaves_to_search"]
+        return {"target_recall": target_recall, "k": k, "reached": bool(reached),
+                "chosen": {key: chosen[key] for key in ("reorder", "num_leaves_to_search")},
+                "recall": chosen["recall"], "qps": chosen["qps"], "before": current, "trials": trials}
+
+    # ------------------------------------------------------------------ saving
+
+    def _manifest_config(self):
+        import scann
+
+        options = {key: value for key, value in self._options.items()}
+        if math.isnan(options["anisotropic_quantization_threshold"]):
+            options["anisotropic_quantization_threshold"] = None
+        settings = dict(self._settings or {})
+        if "anisotropic_quantization_threshold" in settings and math.isnan(settings["anisotropic_quantization_threshold"]):
+            settings["anisotropic_quantization_threshold"] = None
+        return {"options": options, "settings": settings, "tuned": self._tuned, "threads": self.threads,
+                "training_threads": self.training_threads, "rebalance_fraction": self.rebalance_fraction,
+                "calibration_recall": self.calibration_recall, "calibration": self._calibration,
+                "seed": self.seed, "trained_size": self._trained_size, "mutations": self._mutations,
+                "scann_assets": self._searcher is not None,
+                "scann_version": getattr(scann, "__version__", "1.4.2")}
+
+    @classmethod
+    def _from_manifest_config(cls, config):
+        try:
+            options = dict(config["options"])
+            if options.get("anisotropic_quantization_threshold") is None:
+                options["anisotropic_quantization_threshold"] = float("nan")
+            index = cls(**options, threads=config["threads"], training_threads=config["training_threads"],
+                        rebalance_fraction=config["rebalance_fraction"], seed=config["seed"],
+                        calibration_recall=config["calibration_recall"])
+            index._tuned = dict(config["tuned"])
+            index._calibration = config["calibration"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise IndexFormatError(f"manifest `config` of a scann index is malformed: {error!r}") from None
+        return index
+
+    def _save_extra(self, directory):
+        if self._searcher is None:
+            return
+        assets = os.path.join(directory, ASSETS_DIR)
+        os.makedirs(assets)
+        # The raw pybind searcher: its `serialize` writes ScaNN's assets only (the Python wrapper
+        # would add a pickle of doc ids, which we never write nor read).
+        self._searcher.serialize(assets, True)
+
+    def _load_extra(self, directory, manifest):
+        config = manifest["config"]
+        self._mutations = config.get("mutations", 0)
+        self._trained_size = config.get("trained_size", len(self))
+        if not config.get("scann_assets") or len(self) == 0:
+            self._build_searcher()
+            return
+        assets = os.path.join(directory, ASSETS_DIR)
+        pbtxt = _checked_assets(assets, manifest)
+        try:
+            searcher = _load_scann(assets, pbtxt)
+        except RuntimeError as error:
+            raise IndexFormatError(f"ScaNN could not load its assets from {assets}: {error}") from None
+        if searcher.size() != len(self):
+            raise IndexFormatError(
+                f"ScaNN assets in {assets} hold {searcher.size()} points; the manifest says {len(self)}."
+            )
+        self._searcher = searcher
+        self._settings = dict(config["settings"])
+        if self._settings.get("anisotropic_quantization_threshold", 0.0) is None:
+            self._settings["anisotropic_quantization_threshold"] = float("nan")
+        self._set_threads()
+
+
+def _load_scann(assets, pbtxt):
+    from scann.scann_ops.py import scann_ops_pybind  # noqa: F401  (sets up the path of scann_pybind)
+    import scann_pybind
+
+    return scann_pybind.ScannNumpy(assets, pbtxt)
+
+
+def _checked_assets(assets, manifest):
+    """ScaNN's asset list, accepted only when it names plain files of this directory that the
+    manifest lists (so they were checked) and none is a pickle."""
+    from google.protobuf import text_format
+    from scann.scann_ops import scann_assets_pb2
+
+    path = os.path.join(assets, "scann_assets.pbtxt")
+    listed = set(manifest["files"])
+    if f"{ASSETS_DIR}/scann_assets.pbtxt" not in listed:
+        raise IndexFormatError(f"the manifest does not list {ASSETS_DIR}/scann_assets.pbtxt.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            message = text_format.Parse(f.read(), scann_assets_pb2.ScannAssets())
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as error:
+        raise IndexFormatError(f"{path} is not a ScaNN asset list: {error}") from None
+    for asset in message.assets:
+        name = asset.asset_path
+        if os.path.isabs(name) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise IndexFormatError(f"{path} names an asset outside its directory: {name!r}")
+        if name.endswith((".pkl", ".pickle")):
+            raise IndexFormatError(f"{path} names a pickle, which is never loaded: {name!r}")
+        if f"{ASSETS_DIR}/{name}" not in listed:
+            raise IndexFormatError(f"{path} names {name!r}, which the manifest does not list.")
+    return text_format.MessageToString(message)
+
+
+def _upsert_chunks(searcher, slots, vectors, progress, description):
+    total = len(slots)
+    with tqdm(total=total, desc=description, unit="pt", disable=not progress or total < PROGRESS_FROM) as bar:
+        for start in range(0, total, _UPSERT_CHUNK):
+            part = vectors[start:start + _UPSERT_CHUNK]
+            searcher.upsert(slots[start:start + _UPSERT_CHUNK], list(part), 256)
+            bar.update(len(part))
+
+
+def _without(rows, own_rows, k):
+    """The first k entries of each row of `rows` that are not that row's own entry `own_rows[i]`."""
+    keep = rows != np.asarray(own_rows)[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")
+    return np.take_along_axis(rows, order, axis=1)[:, :k]
+
+
+def _pad(rows, scores, k):
+    if rows.shape[1] == k:
+        return rows, scores
+    padded_rows = np.zeros((len(rows), k), rows.dtype)
+    padded_scores = np.full((len(rows), k), np.nan, np.float32)
+    padded_rows[:, : rows.shape[1]] = rows
+    padded_scores[:, : rows.shape[1]] = scores
+    return padded_rows, padded_scores
+
+
+def _unit_norm(vectors):
+    if len(vectors) == 0:
+        return True
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+    return bool(np.all(np.abs(norms - 1.0) <= _UNIT_NORM_TOLERANCE))
+
+
+def _is_positive_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1

@@ -1,0 +1,222 @@
+import numpy as np
+import pytest
+
+from fgkeras.index import ExactIndex, ScannIndex, default_mode, recall_at_k
+
+
+def unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(rng, n, dim=32, clusters=40, spread=0.35):
+    """L2-normalised points around random centres: embeddings-like, neither uniform nor trivial."""
+    centres = rng.normal(size=(clusters, dim))
+    return unit(centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim)))
+
+
+@pytest.fixture
+def gallery(rng):
+    vectors = clustered(rng, 4000)
+    queries = unit(vectors[rng.integers(0, 4000, 60)] + 0.1 * rng.normal(size=(60, 32)))
+    return vectors, [f"sku-{i}" for i in range(4000)], queries
+
+
+def test_auto_configuration_follows_scann_guidance():
+    assert [default_mode(n) for n in (10, 19_999, 20_000, 99_999, 100_000)] == \
+        ["brute_force", "brute_force", "ah", "ah", "tree"]
+    settings = ScannIndex().settings_for(1_000_000)
+    assert settings["mode"] == "tree" and settings["num_leaves"] == 1000
+    assert settings["num_leaves_to_search"] == 100 and settings["reorder"] >= 10
+    assert settings["spherical"] is True
+    assert ScannIndex().settings_for(1_000_000, unit_norm=False)["spherical"] is False
+    forced = ScannIndex(num_leaves=50, num_leaves_to_search=7, reorder=40, spherical=False)
+    assert forced.settings_for(1_000_000) == {**settings, "num_leaves": 50, "num_leaves_to_search": 7,
+                                             "reorder": 40, "spherical": False}
+
+
+def test_brute_force_mode_equals_exact_search(gallery):
+    vectors, ids, queries = gallery
+    index = ScannIndex().build(vectors, ids)
+    assert index.config["mode"] == "brute_force"
+    found, scores = index.search(queries, k=10)
+    expected, expected_scores = ExactIndex().build(vectors, ids).search(queries, k=10)
+    np.testing.assert_array_equal(found, expected)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    one, _ = index.search(queries[0], k=10)
+    np.testing.assert_array_equal(one[0], expected[0])
+
+
+@pytest.mark.parametrize("options", [{"mode": "ah"}, {"mode": "tree", "num_leaves": 40}])
+def test_approximate_modes_reach_high_recall(gallery, options):
+    vectors, ids, queries = gallery
+    index = ScannIndex(**options).build(vectors, ids)
+    assert index.config["mode"] == options["mode"]
+    found, scores = index.search(queries, k=10)
+    expected, _ = ExactIndex().build(vectors, ids).search(queries, k=10)
+    assert recall_at_k(found, expected) >= 0.9
+    # Reordered scores are exact inner products of the ids returned.
+    by_id = dict(zip(ids, vectors))
+    np.testing.assert_allclose(scores[0], [by_id[i] @ queries[0] for i in found[0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "ah"}, {"mode": "tree", "num_leaves": 40}])
+def test_upsert_and_delete_are_visible_at_once(gallery, rng, options):
+    vectors, ids, queries = gallery
+    index = ScannIndex(**options).build(vectors, ids)
+    new = clustered(rng, 3)
+    index.upsert(["new-0", "new-1", "new-2"], new)
+    assert len(index) == 4003
+    assert list(index.search(new, k=1)[0][:, 0]) == ["new-0", "new-1", "new-2"]
+    index.upsert("sku-5", vectors[6])  # replace by id
+    assert set(index.search(vectors[6], k=2)[0][0]) == {"sku-5", "sku-6"}
+    index.delete(["new-1", "sku-6"])
+    assert len(index) == 4001
+    assert "new-1" not in index.search(new[1], k=5)[0][0]
+    assert index.search(vectors[6], k=1)[0][0, 0] == "sku-5"
+    assert "sku-6" not in set(index.ids)
+
+
+def test_mutations_keep_scann_and_storage_in_step(gallery, rng):
+    """After mixed upserts and deletes, every stored vector is found under its own id."""
+    vectors, ids, _ = gallery
+    index = ScannIndex().build(vectors[:500], ids[:500])
+    index.upsert(ids[500:600], vectors[500:600])
+    index.delete([ids[i] for i in rng.choice(600, 150, replace=False)])
+    index.upsert(ids[10:20], vectors[700:710])
+    found, scores = index.search(index.embeddings, k=1)
+    np.testing.assert_array_equal(found[:, 0], index.ids)
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_empty_index_grows_on_upsert_and_shrinks_to_empty(rng):
+    index = ScannIndex()
+    assert index.search(clustered(rng, 2), k=3)[0].shape == (2, 0)
+    index.upsert(["a", "b"], clustered(rng, 2))
+    ids, scores = index.search(clustered(rng, 1), k=5)
+    assert ids.shape == scores.shape == (1, 2)
+    index.delete(["a", "b"])
+    assert len(index) == 0 and index.search(clustered(rng, 1), k=5)[0].shape == (1, 0)
+
+
+def test_k_beyond_the_leaves_searched_is_completed_exactly(gallery):
+    vectors, ids, queries = gallery
+    index = ScannIndex(mode="tree", num_leaves=40, num_leaves_to_search=1).build(vectors, ids)
+    found, scores = index.search(queries[:5], k=1500)  # more than one leaf holds
+    assert found.shape == (5, 1500) and not np.isnan(scores).any()
+    assert all(len(set(row)) == 1500 for row in found)
+
+
+def test_rebalance_after_enough_mutations(gallery, rng):
+    vectors, ids, _ = gallery
+    index = ScannIndex(mode="tree", num_leaves=20, rebalance_fraction=0.1).build(vectors[:2000], ids[:2000])
+    index.upsert(ids[2000:2150], vectors[2000:2150])
+    assert index.config["mutations_since_training"] == 150 and index.config["trained_size"] == 2000
+    index.upsert(ids[2150:2300], vectors[2150:2300])  # 300 > 0.1 * 2000: retrained
+    assert index.config["mutations_since_training"] == 0 and index.config["trained_size"] == 2300
+    found, _ = index.search(vectors[2299], k=1)
+    assert found[0, 0] == ids[2299]
+
+
+def test_tune_reaches_the_target_and_applies_it(gallery):
+    vectors, ids, queries = gallery
+    index = ScannIndex(mode="tree", num_leaves=40, num_leaves_to_search=40).build(vectors, ids)
+    report = index.tune(queries, target_recall=0.9, k=10)
+    assert report["reached"] and report["recall"] >= 0.9
+    assert index.config["num_leaves_to_search"] == report["chosen"]["num_leaves_to_search"] < 40
+    assert index.config["reorder"] == report["chosen"]["reorder"]
+    found, _ = index.search(queries, k=10)
+    expected, _ = ExactIndex().build(vectors, ids).search(queries, k=10)
+    assert recall_at_k(found, expected) == pytest.approx(report["recall"])
+
+
+def test_spherical_tree_needs_unit_vectors(gallery, rng):
+    vectors, ids, _ = gallery
+    index = ScannIndex(mode="tree", num_leaves=20).build(vectors, ids)
+    assert index.config["spherical"] is True
+    with pytest.raises(ValueError, match="L2-normalised"):
+        index.upsert(["long"], 3 * vectors[0])
+    assert len(index) == 4000
+    plain = ScannIndex(mode="tree", num_leaves=20).build(3 * vectors, ids)
+    assert plain.config["spherical"] is False
+    with pytest.raises(ValueError, match="spherical=True"):
+        ScannIndex(mode="tree", num_leaves=20, spherical=True).build(3 * vectors, ids)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "ivf"}, "`mode` must be"), ({"num_leaves": 0}, "`num_leaves` must be"),
+    ({"reorder": 2.5}, "`reorder` must be"), ({"spherical": "yes"}, "`spherical` must be"),
+    ({"rebalance_fraction": -1}, "`rebalance_fraction` must be"),
+])
+def test_bad_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        ScannIndex(**options)
+
+
+def test_a_gallery_larger_than_the_training_sample_is_added_after_training(gallery):
+    vectors, ids, queries = gallery
+    index = ScannIndex(mode="tree", num_leaves=20, training_sample_size=1000).build(vectors, ids)
+    assert len(index) == 4000 and sorted(index.ids) == sorted(ids)
+    assert list(index.ids) != ids  # trained on a random sample, which comes first
+    by_id = dict(zip(ids, vectors))
+    np.testing.assert_array_equal(index.embeddings, np.stack([by_id[i] for i in index.ids]))
+    found, _ = index.search(index.embeddings[::97], k=1)
+    np.testing.assert_array_equal(found[:, 0], index.ids[::97])
+    expected, _ = ExactIndex().build(vectors, ids).search(queries, k=10)
+    assert recall_at_k(index.search(queries, k=10)[0], expected) >= 0.9
+
+
+def test_a_failed_scann_mutation_rebuilds_from_the_stored_vectors(gallery, monkeypatch):
+    vectors, ids, _ = gallery
+    index = ScannIndex(mode="ah").build(vectors[:3000], ids[:3000])
+
+    class Broken:
+        def __init__(self, searcher):
+            self.searcher = searcher
+
+        def __getattr__(self, name):
+            return getattr(self.searcher, name)
+
+        def delete(self, rows):
+            self.searcher.delete(rows[:1])  # half done, then fails
+            raise RuntimeError("simulated failure")
+
+    index._searcher = Broken(index._searcher)
+    index.delete(ids[:10])
+    assert len(index) == 2990
+    found, _ = index.search(index.embeddings, k=1)
+    np.testing.assert_array_equal(found[:, 0], index.ids)
+
+
+def test_search_settings_are_calibrated_on_gallery_points(gallery):
+    vectors, ids, queries = gallery
+    rules = ScannIndex(mode="tree", num_leaves=40, calibration_recall=None).build(vectors, ids)
+    assert rules.config["num_leaves_to_search"] == 4 and rules.config["calibration"] is None
+    index = ScannIndex(mode="tree", num_leaves=40, calibration_recall=0.97).build(vectors, ids)
+    calibration = index.config["calibration"]
+    assert calibration["reached"] and calibration["recall"] >= 0.97 and calibration["queries"] == 300
+    expected, _ = ExactIndex().build(vectors, ids).search(queries, k=10)
+    assert recall_at_k(index.search(queries, k=10)[0], expected) >= 0.9
+    forced = ScannIndex(mode="tree", num_leaves=40, num_leaves_to_search=3, calibration_recall=0.97)
+    assert forced.build(vectors, ids).config["num_leaves_to_search"] == 3  # given settings stay
+
+
+def test_configure_gives_an_in_graph_searcher_the_same_settings(gallery):
+    from scann.scann_ops.py import scann_ops
+
+    vectors, ids, queries = gallery
+    index = ScannIndex(mode="ah").build(vectors, ids)
+    searcher = index.configure(scann_ops.builder(index.embeddings, 10, "dot_product")).build()
+    rows, _ = searcher.search_batched(queries)
+    found = index.ids[rows.numpy()]
+    assert recall_at_k(found, index.search(queries, k=10)[0]) >= 0.95
+
+
+def test_a_failed_build_leaves_the_index_as_it_was(gallery):
+    vectors, ids, queries = gallery
+    index = ScannIndex(mode="tree", num_leaves=20, spherical=True).build(vectors, ids)
+    before = index.search(queries, k=5)
+    with pytest.raises(ValueError, match="spherical=True"):
+        index.build(3 * vectors[:100], ids[:100])
+    assert len(index) == 4000
+    np.testing.assert_array_equal(index.search(queries, k=5)[0], before[0])
