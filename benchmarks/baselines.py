@@ -36,19 +36,28 @@ def budget(config):
             f"augmentation {'on' if config.data.augment else 'off'}.")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def comparison_parser(description):
+    """The options every comparison benchmark takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--skip-cars", action="store_true")
     parser.add_argument("--only-cars", action="store_true")
-    args = parser.parse_args()
+    return parser
 
+
+def configured_datasets(args):
+    """`datasets()` with `--smoke` and `--set` applied to each configuration."""
     for slug, name, config in datasets(args.skip_cars, args.only_cars):
         if args.smoke:
             configs.smoke(config)
-        configs.override(config, args.set)
+        yield slug, name, configs.override(config, args.set)
+
+
+def main():
+    args = comparison_parser(__doc__).parse_args()
+    for slug, name, config in configured_datasets(args):
         variants = {method: [f"train.method={method}"] for method in METHODS}
         rows = _common.compare_variants(config, variants, range(args.seeds), METRICS)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])

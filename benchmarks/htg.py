@@ -8,14 +8,11 @@ present), mean ± std over seeds; then the step-time ratios on one batch.
     python benchmarks/htg.py [--seeds 3] [--set ...] [--smoke] [--skip-cars]
 """
 
-import argparse
-
 import _common
 import keras
 import numpy as np
-from baselines import METRICS, budget, datasets
+from baselines import METRICS, budget, comparison_parser, configured_datasets
 
-from fgkeras import configs
 from fgkeras.evaluation import format_table
 from fgkeras.models import build_baseline, build_embedder, build_htg
 
@@ -57,19 +54,11 @@ def step_ratios(image_size=64, width=0.5, steps=20):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--skip-cars", action="store_true")
-    parser.add_argument("--only-cars", action="store_true")
+    parser = comparison_parser(__doc__)
     parser.add_argument("--skip-step-time", action="store_true")
     args = parser.parse_args()
 
-    for slug, name, config in datasets(args.skip_cars, args.only_cars):
-        if args.smoke:
-            configs.smoke(config)
-        configs.override(config, args.set)
+    for slug, name, config in configured_datasets(args):
         rows = _common.compare_variants(config, VARIANTS, range(args.seeds), METRICS)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
