@@ -66,6 +66,12 @@ class Embedder(keras.Model):
         self.l2_normalize = fg_layers.L2Normalize(name="l2_normalize")
 
     def build(self, input_shape):
+        self._build_global_head(input_shape, self.embedding_dim)
+        self.l2_normalize.build((input_shape[0], self.embedding_dim))
+        self.built = True
+
+    def _build_global_head(self, input_shape, dim):
+        """Builds the layers from the input to the `dim`-wide global feature."""
         self.normalize_input.build(input_shape)
         self.backbone.build(input_shape)
         feature_map_shape = self.backbone.compute_output_shape(input_shape)
@@ -73,9 +79,7 @@ class Embedder(keras.Model):
         pooled_shape = self.pool.compute_output_shape(feature_map_shape)
         self.drop.build(pooled_shape)
         self.embedding.build(pooled_shape)
-        self.embedding_bn.build((input_shape[0], self.embedding_dim))
-        self.l2_normalize.build((input_shape[0], self.embedding_dim))
-        self.built = True
+        self.embedding_bn.build((input_shape[0], dim))
 
     def features(self, images, training=False):
         """The embedding before normalisation, `(batch, embedding_dim)` float32."""

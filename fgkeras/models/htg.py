@@ -141,14 +141,7 @@ class KeypointEmbedder(Embedder):
         return kpm
 
     def build(self, input_shape):
-        self.normalize_input.build(input_shape)
-        self.backbone.build(input_shape)
-        feature_map_shape = self.backbone.compute_output_shape(input_shape)
-        self.pool.build(feature_map_shape)
-        pooled_shape = self.pool.compute_output_shape(feature_map_shape)
-        self.drop.build(pooled_shape)
-        self.embedding.build(pooled_shape)
-        self.embedding_bn.build((input_shape[0], self.global_dim))
+        self._build_global_head(input_shape, self.global_dim)
         for level, block in zip(self.levels, self.keypoint_blocks):
             block.build(tuple(self.pyramid.output[self._previous[level]].shape))
         self.local_bn.build((input_shape[0], self.local_dim))
