@@ -38,7 +38,7 @@ def _split_cpu_into_two_logical_devices():
 _split_cpu_into_two_logical_devices()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_cpu_devices():
     import tensorflow as tf
 
@@ -46,3 +46,15 @@ def two_cpu_devices():
     if len(devices) < 2:
         pytest.skip("TensorFlow was initialised before the CPU could be split into 2 devices")
     return [d.name for d in devices[:2]]
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy(two_cpu_devices):
+    """One MirroredStrategy over the two logical CPUs, shared by every test.
+
+    Two strategies over the same devices in one process reuse collective instance keys,
+    and the second one's all-reduce then aborts ("Collective instance … expected type …").
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(two_cpu_devices)

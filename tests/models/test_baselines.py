@@ -111,12 +111,12 @@ def _one_step(model, images, labels):
     return [np.asarray(w) for w in model.trainable_weights]
 
 
-def test_mirrored_step_equals_one_device_on_the_same_global_batch(two_cpu_devices):
+def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strategy):
     images, labels = _batch(num_classes=4, per_class=4)
     # Softmax is a per-sample mean, so the global-batch update is well defined on any split.
     single = build_baseline("softmax_nobias", _tiny_embedder(seed=5), num_classes=4)
     expected = _one_step(single, images, labels)
-    with tf.distribute.MirroredStrategy(two_cpu_devices).scope():
+    with mirrored_strategy.scope():
         mirrored = build_baseline("softmax_nobias", _tiny_embedder(seed=5), num_classes=4)
         got = _one_step(mirrored, images, labels)
     initial = [np.asarray(w) for w in build_baseline(

@@ -340,13 +340,13 @@ def _one_step(strategy, images, labels, triplets):
 
 
 @pytest.mark.parametrize("triplets", ["random", "batch_hard"])
-def test_mirrored_step_equals_one_device_on_the_same_global_batch(two_cpu_devices, triplets):
+def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strategy, triplets):
     # 16 images, 2 whole classes per replica: each replica alone would form other triplets
     # (the hardest negative or the random draw may lie in the other shard) and see other
     # batch statistics in G and D; the game gathers the global batch, so it must not differ.
     images, labels = _batch()
     expected_logs, expected = _one_step(tf.distribute.get_strategy(), images, labels, triplets)
-    logs, got = _one_step(tf.distribute.MirroredStrategy(two_cpu_devices), images, labels, triplets)
+    logs, got = _one_step(mirrored_strategy, images, labels, triplets)
     initial = _values(_compile(build_htg(_tiny_embedder(seed=5), K, seed=3)).weights)
     assert sum(not np.allclose(a, b) for a, b in zip(expected, initial)) > 10  # the step did something
     for name in ("f_loss", "g_loss", "d_loss"):
