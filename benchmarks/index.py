@@ -39,14 +39,16 @@ K = 10
 # ---------------------------------------------------------------------------- data
 
 
-def hard_gallery(n, dim=128, seed=0, latent_dim=24, centres=2000, spread=0.5, noise=0.3, chunk=100_000):
+def hard_gallery(n, dim=128, seed=0, latent_dim=24, centres=2000, spread=0.7, noise=0.35, chunk=100_000):
     """L2-normalised points x = normalise(U (c_z + spread·e) + noise·ε), in chunks.
 
     c_z is one of `centres` random centres of a `latent_dim`-dimensional latent space (N(0, I)),
     e ~ N(0, I) there, U a random orthonormal dim × latent_dim map, ε ~ N(0, I) in the full space.
-    The within-centre spread (0.5 per latent axis) is large against the distance between centres, so
-    the 2,000 clusters overlap heavily, and the isotropic noise adds a full-rank component: like
-    real embeddings, a low-dimensional structure plus noise, but far from a set of tight clusters.
+    The within-centre spread (0.7 per latent axis, against centres ~N(0, I)) makes the 2,000 clusters
+    overlap heavily, and the isotropic noise (0.35 per axis) adds a full-rank component: like real
+    embeddings, a low-dimensional structure plus noise, but far from a set of tight clusters.
+    Measured at 1M: one-probe IVF-Flat (1,000 lists) Recall@10 0.62, 16 probes 0.91; with spread 0.5
+    and noise 0.3 one probe already reached 0.85 at 1M (0.63 at 100k): the spread has to grow with N.
     """
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.normal(size=(dim, latent_dim)))[0].astype(np.float32)
@@ -548,8 +550,8 @@ def main():
     build["n"] = n
 
     data_text = (
-        f"{n:,} × 128 from `hard_gallery` (2,000 centres in a 24-d latent space, within-centre spread 0.5, "
-        f"isotropic noise 0.3 in 128-d, L2-normalised; queries drawn from the same distribution, not from the "
+        f"{n:,} × 128 from `hard_gallery` (2,000 centres in a 24-d latent space, within-centre spread 0.7, "
+        f"isotropic noise 0.35 in 128-d, L2-normalised; queries drawn from the same distribution, not from the "
         f"gallery). One-probe IVF-Flat with √N = {round(math.sqrt(n))} lists: **Recall@10 {one_probe:.3f}** "
         f"(goal < 0.8: {'met' if one_probe < 0.8 else 'MISSED'}). {len(queries):,} evaluation queries "
         f"(batch 1: the first {args.single_queries}; ExactIndex batch 1: the first {max(20, args.single_queries // 10)}), "
