@@ -24,6 +24,16 @@ VARIANTS = {
     "HTG+KPM": ["train.method=htg", "model.kpm=true"],
 }
 
+# `--ablations`: what HTG's result depends on, one change at a time from the default HTG.
+ABLATIONS = {
+    "HTG (default)": ["train.method=htg"],
+    "basic model only, no game": ["train.method=basic"],
+    "constant lr, no decay": ["train.method=htg", "train.decay_epochs=1000"],
+    "batch-hard triplets in the game": ["train.method=htg", "train.triplets=batch_hard"],
+    "μ = 0 (F without D's identity loss)": ["train.method=htg", "train.mu=0"],
+    "longer game (warm-up 6 of 20 epochs)": ["train.method=htg", "train.warmup_epochs=6"],
+}
+
 
 def step_ratios(image_size=64, width=0.5, steps=20):
     """Images/s of the batch-hard basic step, the HTG game step and plain fit, same batch."""
@@ -56,15 +66,18 @@ def step_ratios(image_size=64, width=0.5, steps=20):
 def main():
     parser = comparison_parser(__doc__)
     parser.add_argument("--skip-step-time", action="store_true")
+    parser.add_argument("--ablations", action="store_true", help="run ABLATIONS instead of the methods")
     args = parser.parse_args()
 
+    variants, prefix = (ABLATIONS, "htg_ablations") if args.ablations else (VARIANTS, "htg")
     for slug, name, config in configured_datasets(args):
-        rows = _common.compare_variants(config, VARIANTS, range(args.seeds), METRICS)
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
         note = (f"HTG: {config.train.warmup_epochs} of the {config.train.epochs} epochs on the basic "
-                f"model (no-bias softmax + batch-hard), the rest on the game. ")
-        print("wrote", _common.write_results(f"htg_{slug}", [(name, table + "\n\n" + note + budget(config))]))
+                f"model (no-bias softmax + batch-hard), the rest on the game; every method on one cosine "
+                f"decay over the whole budget. ")
+        print("wrote", _common.write_results(f"{prefix}_{slug}", [(name, table + "\n\n" + note + budget(config))]))
     if not args.skip_step_time:
         ratios = step_ratios()
         print(ratios)

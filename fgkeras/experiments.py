@@ -77,9 +77,16 @@ def build_model(config, num_classes):
     )
 
 
-def make_optimizer(train_config):
+def cosine_schedule(train_config, initial_rate=None):
+    """Every method's schedule: cosine decay over the whole budget, from `learning_rate`."""
     total_steps = train_config.epochs * train_config.steps_per_epoch
-    schedule = keras.optimizers.schedules.CosineDecay(train_config.learning_rate, max(total_steps, 1))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_rate if initial_rate is not None else train_config.learning_rate, max(total_steps, 1))
+
+
+def make_optimizer(train_config):
+    """`train_config.optimizer` on `cosine_schedule(train_config)`."""
+    schedule = cosine_schedule(train_config)
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
                   "adamw": keras.optimizers.AdamW}
     if train_config.optimizer not in optimizers:
@@ -136,22 +143,27 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
 
 def _train_htg(config, train_set, verbose, callbacks):
     """HTG's recipe: the basic model, then the adversarial game (`fgkeras.models.train_htg`)."""
-    game_epochs = config.train.epochs - config.train.warmup_epochs
+    budget = config.train
+    game_epochs = budget.epochs - budget.warmup_epochs
     if game_epochs < 1:
         raise ValueError(
             "HTG needs `train.epochs` > `train.warmup_epochs` (the game gets the difference). "
-            f"Received: epochs={config.train.epochs}, warmup_epochs={config.train.warmup_epochs}"
+            f"Received: epochs={budget.epochs}, warmup_epochs={budget.warmup_epochs}"
         )
-    with dtype_policy(config.train.mixed_precision):
+    if budget.decay_epochs:  # the paper's step decay, phase by phase
+        warmup_rate, game_rate = budget.warmup_learning_rate, budget.learning_rate
+    else:  # the baselines' cosine over the whole budget: the basic model, then the game, on it
+        warmup_rate = cosine_schedule(budget, budget.warmup_learning_rate)
+        game_rate = models.ShiftedSchedule(cosine_schedule(budget), budget.warmup_epochs * budget.steps_per_epoch)
+    with dtype_policy(budget.mixed_precision):
         game = models.train_htg(
             build_embedder(config), training_dataset(config, train_set), train_set.num_classes,
-            warmup_epochs=config.train.warmup_epochs, epochs=game_epochs,
-            steps_per_epoch=config.train.steps_per_epoch,
-            warmup_learning_rate=config.train.warmup_learning_rate,
-            learning_rate=config.train.learning_rate, optimizer=config.train.optimizer,
-            decay_epochs=config.train.decay_epochs or config.train.epochs,
-            kpm=config.model.kpm, kpm_levels=tuple(config.model.kpm_levels.split(",")),
-            margin=config.train.margin, seed=config.train.seed, verbose=verbose, callbacks=callbacks,
+            warmup_epochs=budget.warmup_epochs, epochs=game_epochs, steps_per_epoch=budget.steps_per_epoch,
+            warmup_learning_rate=warmup_rate, learning_rate=game_rate, optimizer=budget.optimizer,
+            decay_epochs=budget.decay_epochs, kpm=config.model.kpm,
+            kpm_levels=tuple(config.model.kpm_levels.split(",")), margin=budget.margin, mu=budget.mu,
+            beta=budget.beta, gamma=budget.gamma, triplets=budget.triplets, seed=budget.seed,
+            verbose=verbose, callbacks=callbacks,
         )
     return game, game.history
 

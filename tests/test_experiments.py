@@ -45,3 +45,14 @@ def test_htg_budget_must_leave_epochs_for_the_game():
     config = _smoke("train.method=htg", "train.epochs=2", "train.warmup_epochs=2")
     with pytest.raises(ValueError, match="HTG needs `train.epochs` > `train.warmup_epochs`"):
         experiments.train(config, verbose=0)
+
+
+def test_htg_follows_the_baselines_cosine_over_the_whole_budget():
+    config = _smoke("train.method=htg", "train.epochs=3", "train.warmup_epochs=1")
+    game, _ = experiments.train(config, verbose=0)
+    warmup_steps = config.train.warmup_epochs * config.train.steps_per_epoch
+    cosine = experiments.cosine_schedule(config.train)
+    schedule = game.f_optimizer._learning_rate
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 1)],
+                               [float(cosine(warmup_steps + s)) for s in (0, 1)], rtol=1e-6)
+    assert float(game.f_optimizer.learning_rate) < 0.5 * config.train.learning_rate  # decayed by the end

@@ -67,9 +67,12 @@ class TrainConfig:
     `classes_per_batch` (P) classes × `images_per_class` (K) images. `epochs` is the
     whole budget of every method: HTG spends the first `warmup_epochs` of it on its
     basic model (at `warmup_learning_rate`) and the rest on the adversarial game, so
-    all methods see the same number of images. HTG's learning rates drop ×10 every
-    `decay_epochs` epochs as in the paper (0 = never: our epochs are `steps_per_epoch`
-    steps, not passes over a data set).
+    all methods see the same number of images. Every method's learning rate follows one
+    cosine decay over the whole budget (HTG: its basic model on the first part, from
+    `warmup_learning_rate`, the game on the rest); `decay_epochs` > 0 gives HTG the paper's
+    schedule instead, ×10 lower every `decay_epochs` epochs of each phase (our epochs are
+    `steps_per_epoch` steps, not passes over a data set). `mu`, `beta`, `gamma` and
+    `triplets` are HTG's game (see `fgkeras.models.HardTripletGAN`).
     """
 
     method: str = "triplet_batch_hard"
@@ -84,6 +87,10 @@ class TrainConfig:
     learning_rate: float = 1e-3
     margin: float = 0.1
     triplet_weight: float = 1.0
+    mu: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    triplets: str = "random"
     mixed_precision: bool = False
     seed: int = 0
 

@@ -4,6 +4,7 @@ from fgkeras.models.backbones import BACKBONES, build_backbone, feature_maps
 from fgkeras.models.baselines import BASELINES, MetricLearner, build_baseline
 from fgkeras.models.embedder import Embedder, build_embedder
 from fgkeras.models.htg import HardTripletGAN, KeypointEmbedder, build_htg, train_htg
+from fgkeras.models.training import ShiftedSchedule
 
 __all__ = [
     "BACKBONES",
@@ -12,6 +13,7 @@ __all__ = [
     "HardTripletGAN",
     "KeypointEmbedder",
     "MetricLearner",
+    "ShiftedSchedule",
     "build_backbone",
     "build_baseline",
     "build_embedder",

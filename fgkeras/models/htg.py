@@ -560,6 +560,13 @@ def step_decay(learning_rate, epochs, steps_per_epoch, decay_epochs=5):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
+def _schedule(learning_rate, epochs, steps_per_epoch, decay_epochs):
+    """A `LearningRateSchedule` as given; a float gets the paper's step decay."""
+    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        return learning_rate
+    return step_decay(learning_rate, epochs, steps_per_epoch, decay_epochs)
+
+
 def _optimizer(optimizer, learning_rate):
     if callable(optimizer):
         return optimizer(learning_rate)
@@ -582,7 +589,10 @@ def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps
        for `warmup_epochs` at `warmup_learning_rate` (paper: batch 128, lr 0.01, 15 epochs).
     2. Adversarial training (Sec. 4.2): `HardTripletGAN` for `epochs` at `learning_rate`
        for each player (paper: batch 64, lr 1e-3, 10 epochs, μ = β = γ = 1).
-    Both learning rates are divided by 10 every `decay_epochs` epochs, as in the paper.
+    A learning rate given as a float is divided by 10 every `decay_epochs` epochs of its
+    phase, as in the paper; a `keras.optimizers.schedules.LearningRateSchedule` is used as
+    given (each phase's optimizer counts its steps from 0: see `ShiftedSchedule` to continue
+    one schedule across both phases).
 
     Create the embedder (and call this function) inside `strategy.scope()` to train
     distributed. The batch size is that of the datasets.
@@ -606,14 +616,14 @@ def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps
         warmup_steps = warmup_steps_per_epoch or steps_per_epoch
         basic = build_baseline("basic", embedder, num_classes=num_classes, margin=margin, seed=seed)
         basic.compile(optimizer=_optimizer(
-            optimizer, step_decay(warmup_learning_rate, warmup_epochs, warmup_steps, decay_epochs)))
+            optimizer, _schedule(warmup_learning_rate, warmup_epochs, warmup_steps, decay_epochs)))
         logger.info("HTG phase 1: basic model, %d epochs", warmup_epochs)
         basic.fit(warmup_dataset if warmup_dataset is not None else dataset, epochs=warmup_epochs,
                   steps_per_epoch=warmup_steps, verbose=verbose, callbacks=callbacks,
                   shuffle=False)  # P×K streams are already shuffled
     game = build_htg(embedder, num_classes, margin=margin, mu=mu, beta=beta, gamma=gamma,
                      triplets=triplets, seed=seed)
-    schedule = step_decay(learning_rate, epochs, steps_per_epoch, decay_epochs)
+    schedule = _schedule(learning_rate, epochs, steps_per_epoch, decay_epochs)
     game.compile(f_optimizer=_optimizer(optimizer, schedule), g_optimizer=_optimizer(optimizer, schedule),
                  d_optimizer=_optimizer(optimizer, schedule))
     logger.info("HTG phase 2: adversarial training, %d epochs", epochs)

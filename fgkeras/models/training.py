@@ -1,5 +1,6 @@
 """Pieces shared by every custom `train_step` in fgkeras."""
 
+import keras
 import tensorflow as tf
 from keras import ops
 
@@ -28,3 +29,33 @@ def unpack_batch(data):
         "A training batch must be a dict with keys 'image' and 'label' or a tuple "
         f"(images, labels). Received: {type(data).__name__}"
     )
+
+
+@keras.saving.register_keras_serializable(package="fgkeras")
+class ShiftedSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule(step + offset)`: a later segment of a learning-rate schedule.
+
+    A training phase that continues a budget started by an earlier phase (HTG's game after
+    its basic model) gets a fresh optimizer, whose step counter starts at 0; shifting the
+    schedule lets it pick up the budget's schedule where the earlier phase left it.
+
+    Args:
+        schedule: a `LearningRateSchedule`.
+        offset: the number of steps already taken, >= 0.
+    """
+
+    def __init__(self, schedule, offset):
+        if offset < 0:
+            raise ValueError(f"`offset` must be >= 0. Received: offset={offset}")
+        self.schedule = schedule
+        self.offset = int(offset)
+
+    def __call__(self, step):
+        return self.schedule(ops.cast(step, "int64") + self.offset)
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "offset": self.offset}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]), config["offset"])
