@@ -47,12 +47,12 @@ def write_results(topic, sections):
 
 
 def markdown_table(rows, columns):
-    """A Markdown table of `rows` (dicts) with the given (key, header, format) columns."""
-    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt.format(row[key]) if key in row else "" for key, _, fmt in columns) + " |"
-            for row in rows]
-    return "\n".join([header, rule] + body)
+    """`fgkeras.evaluation.format_table` with (key, header, format) columns; use that instead."""
+    from fgkeras.evaluation import format_table
+
+    return format_table(rows, keys=[key for key, _, _ in columns],
+                        headers={key: header for key, header, _ in columns},
+                        formats={key: pattern for key, _, pattern in columns})
 
 
 def fit_images_per_second(model, images, labels, steps):

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from fgkeras.data import Augment, SyntheticVehicles, read_csv
+from fgkeras.evaluation import format_table
 from fgkeras.models import MetricLearner, build_embedder
 
 
@@ -71,7 +72,7 @@ def main():
         rows.append({"what": f"batch-hard training step, ResNet-18 width {args.width}, {size} px", "rate": step})
         ratios.append(f"- {name}: tf.data / training step = **{data / step:.1f}×** (goal ≥ 3×)")
         print(rows[-2:], flush=True)
-    table = _common.markdown_table(rows, [("what", "what", "{}"), ("rate", "images/s", "{:.0f}")])
+    table = format_table(rows, headers={"rate": "images/s"}, formats={"rate": "{:.0f}"})
     print(table)
     print("\n".join(ratios))
     print("wrote", _common.write_results("data_pipeline", [("Rates", table), ("Ratios", "\n".join(ratios))]))

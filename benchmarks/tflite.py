@@ -155,6 +155,7 @@ def main():
     import numpy as np
 
     from fgkeras import experiments
+    from fgkeras.evaluation import format_table
 
     config = _config(args)
     train_set, test_set = experiments.load_data(config.data)
@@ -189,13 +190,12 @@ def main():
                 **({"norm": q["max_norm_error"], "nn": q["nn_agreement"]} if "nn_agreement" in q else {}),
                 **({"recall": recall, "drop": 100 * (reference - recall)} if recall is not None else {}),
             })
-    columns = [("variant", "variant", "{}"), ("threads", "threads", "{}"), ("ms", "batch-1 ms (median)", "{:.3f}"),
-               ("p10", "ms (p10)", "{:.3f}"),
-               ("speedup", "× SavedModel", "{:.2f}"), ("mb", "size MB", "{:.2f}"),
-               ("diff", "max abs diff vs Keras", "{:.2e}"), ("norm", "max ‖e‖−1", "{:.1e}"),
-               ("nn", "same nearest neighbour", "{:.3f}"), ("recall", "Recall@1", "{:.4f}"),
-               ("drop", "drop (points)", "{:+.2f}")]
-    table = _common.markdown_table(rows, columns)
+    headers = {"ms": "batch-1 ms (median)", "p10": "ms (p10)", "speedup": "× SavedModel", "mb": "size MB",
+               "diff": "max abs diff vs Keras", "norm": "max ‖e‖−1", "nn": "same nearest neighbour",
+               "recall": "Recall@1", "drop": "drop (points)"}
+    formats = {"ms": "{:.3f}", "p10": "{:.3f}", "speedup": "{:.2f}", "mb": "{:.2f}", "diff": "{:.2e}",
+               "norm": "{:.1e}", "nn": "{:.3f}", "recall": "{:.4f}", "drop": "{:+.2f}"}
+    table = format_table(rows, keys=["variant", "threads", *headers], headers=headers, formats=formats)
 
     int8 = "tflite int8 (float head)"
     goals = []

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from fgkeras import losses as fg_losses
+from fgkeras.evaluation import format_table
 from fgkeras.models import MetricLearner, build_embedder
 
 
@@ -139,8 +140,8 @@ def main():
         rows.append({"setting": "peer: pytorch-metric-learning batch-hard, same ResNet-18", "images_per_s": torch_rate})
         ratios["images/s, ours batch-hard / pytorch-metric-learning"] = ours / torch_rate
     sections = [
-        ("Throughput", _common.markdown_table(rows, [("setting", "setting", "{}"),
-                                                     ("images_per_s", "images/s", "{:.1f}")])),
+        ("Throughput", format_table(rows, headers={"images_per_s": "images/s"},
+                                    formats={"images_per_s": "{:.1f}"})),
         ("Ratios", "\n".join(f"- {name}: **{value:.2f}**" for name, value in ratios.items())),
         ("Setup", f"ResNet-18 width {args.width}, {args.image_size} px, batch "
                   f"{args.classes_per_batch}×{args.images_per_class}, {args.steps} timed steps after a warm-up, "
@@ -149,8 +150,6 @@ def main():
                      " PyTorch is not installed, so the peer row is absent (`pip install -e .[peers]`).")),
     ]
     if args.quality:
-        from fgkeras.evaluation import format_table
-
         sections.append(("Recall on unseen classes, float32 vs bfloat16", format_table(measure_quality(args))))
     print("\n".join(f"{name}: {value:.2f}" for name, value in ratios.items()))
     print("wrote", _common.write_results("train_speed", sections))

@@ -1,12 +1,30 @@
 """The `fgkeras` command line: parse, call library functions, print."""
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
+import signal
+import subprocess
 import sys
 
 logger = logging.getLogger("fgkeras")
+
+# Log lines that native libraries write to the process's stderr (fd 2) past Python's logging:
+# absl's (`W0000 00:00:1795700576.693136  9391 file.cc:364] ...`), TensorFlow's
+# (`2026-11-26 13:42:50.372704: E file.cc:51] ...`), TensorFlow Lite's (`INFO: ...`) and the
+# MLIR quantizer's print of its settings (`fully_quantize: 0, ...`).
+_NATIVE_LOG_LINE = re.compile(
+    rb"(?P<absl>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
+    rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<tensorflow>[IWEF]) \S+:\d+\] "
+    rb"|(?P<tflite>INFO|WARNING|ERROR): "
+    rb"|(?P<quantizer>fully_quantize): "
+)
+# Severities as TF_CPP_MIN_LOG_LEVEL counts them.
+_NATIVE_SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3, b"INFO": 0, b"WARNING": 1, b"ERROR": 2,
+                    b"fully_quantize": 0}
 
 
 def _config(args):
@@ -142,7 +160,8 @@ def _load_model(path):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="fgkeras", description="Fine-grained image retrieval in Keras 3")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug messages, and the info messages of other libraries")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train and compare the baselines on synthetic data")
@@ -197,18 +216,90 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _native_severity(line):
+    """The severity of a native library's log line (0 info to 3 fatal), None for any other line."""
+    match = _NATIVE_LOG_LINE.match(line)
+    if match is None:
+        return None
+    severity = _NATIVE_SEVERITY[next(group for group in match.groups() if group is not None)]
+    if b"failed call to cuInit" in line:  # logged as an error, but only says "no GPU driver here"
+        return min(severity, 1)
+    return severity
+
+
+def _copy_native_stderr(source, target, min_level):
+    """Copies the lines of binary file `source` to `target`, but native log lines below `min_level`."""
+    for line in source:
+        severity = _native_severity(line)
+        if severity is None or severity >= min_level:
+            target.write(line)
+            target.flush()
+
+
+def _run_native_stderr_filter(min_level):
+    """The filter process: its stdin to its stderr. Ctrl-C is for the command: this process ends at EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _copy_native_stderr(sys.stdin.buffer, sys.stderr.buffer, min_level)
+
+
+@contextlib.contextmanager
+def _filter_native_stderr():
+    """Passes what native libraries write to fd 2 through a filter process; Python's stderr stays direct.
+
+    TensorFlow's C++ logging honours TF_CPP_MIN_LOG_LEVEL, but the absl logging inside the
+    TFLite converter and grappler, TFLite's logger and the quantizer's prints do not: the filter
+    drops their lines below the same level (2 unless set: errors only). The "failed call to
+    cuInit" error of machines without a GPU driver counts as a warning. Any other line passes,
+    the messages of a crash included: the filter is a separate process, so it still forwards
+    them when this one aborts.
+    """
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    min_level = int(level) if level.isdigit() else 2
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.path.insert(0, {package_root!r}); "
+            f"from fgkeras.cli import _run_native_stderr_filter; _run_native_stderr_filter({min_level})")
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    # Kept open for the life of the process: loggers created meanwhile keep writing to it.
+    terminal = os.dup(2)
+    os.dup2(process.stdin.fileno(), 2)
+    process.stdin.close()
+    sys.stderr = open(terminal, "w", buffering=1, encoding=python_stderr.encoding,
+                      errors=python_stderr.errors, closefd=False)
     try:
-        return args.func(args) or 0
-    except ValueError as error:  # configuration and data errors: say what, no traceback
-        if args.verbose:
-            raise
-        print(f"fgkeras {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = python_stderr
+        os.dup2(terminal, 2)  # the filter reads the end of the pipe, then exits
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a child process still holds the pipe
+            process.wait(timeout=10)
+
+
+def _configure_logging(verbose):
+    """fgkeras's messages from INFO (DEBUG with -v), other libraries' from WARNING (INFO with -v)."""
+    threshold = logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(lambda record: record.levelno >= threshold or record.name.split(".")[0] == "fgkeras")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Only a process's own stderr: not one that pytest or a notebook has replaced.
+    owns_stderr = sys.stderr is not None and sys.stderr is sys.__stderr__ and bool(sys.executable)
+    with _filter_native_stderr() if owns_stderr else contextlib.nullcontext():
+        _configure_logging(args.verbose)
+        try:
+            return args.func(args) or 0
+        except ValueError as error:  # configuration and data errors: say what, no traceback
+            if args.verbose:
+                raise
+            print(f"fgkeras {args.command}: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

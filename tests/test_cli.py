@@ -1,9 +1,32 @@
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
+import keras
 import pytest
 
 from fgkeras import cli, configs
+
+# Lines written to stderr by TensorFlow 2.20's native libraries during `fgkeras export` and
+# `fgkeras demo` on a machine without a GPU driver.
+CUINIT = (b"2026-11-26 13:42:50.372704: E external/local_xla/xla/stream_executor/cuda/cuda_platform.cc:51] "
+          b"failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)")
+ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+ABSL_INFO = (b"I0000 00:00:1795700576.042171    9391 devices.cc:67] Number of eligible GPUs "
+             b"(core count >= 8, compute capability >= 0.0): 0")
+ABSL_WARNING = b"W0000 00:00:1795700576.226724    9391 tf_tfl_flatbuffer_helpers.cc:364] Ignored output_format."
+QUANTIZER = b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32"
+TFLITE_INFO = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+ABSL_ERROR = b"E0000 00:00:1795700576.226724    9391 flatbuffer_export.cc:12] Could not translate the graph."
+TENSORFLOW_ERROR = b"2026-11-26 13:42:50.372704: E tensorflow/core/framework/op_kernel.cc:1857] OP_REQUIRES failed"
+ABSL_FATAL = b"F0000 00:00:1795700576.226724    9391 check.cc:5] Check failed: size > 0"
+
+
+def _run(args, **kwargs):
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, *args], capture_output=True, env=env, timeout=600, **kwargs)
 
 
 def test_demo_smoke_writes_results(tmp_path, capsys):
@@ -88,3 +111,56 @@ def test_config_json_round_trip():
 def test_unknown_experiment():
     with pytest.raises(ValueError, match="Unknown experiment 'nope'"):
         configs.get_config("nope")
+
+
+@pytest.mark.parametrize("line, severity", [
+    (CUINIT, 1), (ABSL_NOTICE, 1), (ABSL_INFO, 0), (ABSL_WARNING, 1), (QUANTIZER, 0), (TFLITE_INFO, 0),
+    (ABSL_ERROR, 2), (TENSORFLOW_ERROR, 2), (ABSL_FATAL, 3), (b"ERROR: Didn't find op for builtin opcode", 2),
+    (b"Traceback (most recent call last):", None), (b"W0000 is not a log line", None),
+])
+def test_native_log_lines_and_their_severity(line, severity):
+    assert cli._native_severity(line + b"\n") == severity
+
+
+def test_native_stderr_filter_keeps_errors_even_when_the_process_aborts(tmp_path):
+    lines = [CUINIT, ABSL_NOTICE, ABSL_INFO, ABSL_WARNING, QUANTIZER, TFLITE_INFO, ABSL_ERROR, TENSORFLOW_ERROR,
+             b"a line of no known format", ABSL_FATAL]
+    script = textwrap.dedent(f"""
+        import os, sys
+        from fgkeras import cli
+        with cli._filter_native_stderr():
+            print("ours, through Python", file=sys.stderr)
+            for line in {lines!r}:
+                os.write(2, line + b"\\n")
+            os.abort()
+    """)
+    result = _run(["-c", script], cwd=tmp_path)  # the abort may leave a core file
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        b"ours, through Python", ABSL_ERROR, TENSORFLOW_ERROR, b"a line of no known format", ABSL_FATAL]
+
+
+def test_cli_logs_ours_and_only_the_warnings_of_other_libraries():
+    script = textwrap.dedent("""
+        import logging
+        from fgkeras import cli
+        cli._configure_logging(verbose=False)
+        logging.getLogger("fgkeras.export").info("ours")
+        logging.getLogger("absl").info("their info")
+        logging.getLogger("tensorflow").warning("their warning")
+    """)
+    assert _run(["-c", script]).stderr.decode().splitlines() == [
+        "INFO fgkeras.export: ours", "WARNING tensorflow: their warning"]
+
+
+def test_command_line_stderr_has_no_tensorflow_noise(tmp_path):
+    model = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.GlobalAveragePooling2D()])
+    model.save(tmp_path / "tiny.keras")
+    result = _run(["-m", "fgkeras.cli", "evaluate", "--smoke", "--model", str(tmp_path / "tiny.keras")],
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"| tiny.keras |" in result.stdout
+    assert b"cuInit" not in result.stderr
+    severities = [cli._native_severity(line) for line in result.stderr.splitlines()]
+    assert all(severity is None or severity >= 2 for severity in severities)

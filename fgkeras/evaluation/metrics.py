@@ -94,11 +94,7 @@ def retrieval_metrics(
     else:
         gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings")
         gallery_labels = _as_labels(gallery_labels, "gallery_labels", len(gallery))
-        if gallery.shape[1] != queries.shape[1]:
-            raise ValueError(
-                "`query_embeddings` and `gallery_embeddings` must have the same dimension. "
-                f"Received: {queries.shape[1]} and {gallery.shape[1]}"
-            )
+        _check_same_dim(queries, gallery, "query_embeddings", "gallery_embeddings")
         default_exclude = np.full(len(queries), -1)
     exclude = _as_exclude_index(exclude_index, default_exclude, len(gallery))
     recall_ks = _as_ks(recall_ks, "recall_ks")
@@ -226,6 +222,14 @@ def _as_embeddings(value, name):
     if not np.isfinite(array).all():
         raise ValueError(f"`{name}` must be finite: it holds NaN or infinite values (as float32)")
     return array
+
+
+def _check_same_dim(first, second, first_name, second_name):
+    if first.shape[1] != second.shape[1]:
+        raise ValueError(
+            f"`{first_name}` and `{second_name}` must have the same dimension. "
+            f"Received: {first.shape[1]} and {second.shape[1]}"
+        )
 
 
 def _as_labels(value, name, length):

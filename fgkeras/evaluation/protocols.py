@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fgkeras.evaluation.metrics import _as_embeddings, _as_labels, retrieval_metrics
+from fgkeras.evaluation.metrics import _as_embeddings, _as_labels, _check_same_dim, retrieval_metrics
 
 
 def closed_set(embeddings, labels, **metric_kwargs):
@@ -49,11 +49,7 @@ def open_set(train_embeddings, train_labels, unseen_embeddings, unseen_labels, *
     train_labels = _as_labels(train_labels, "train_labels", len(train))
     unseen = _as_embeddings(unseen_embeddings, "unseen_embeddings")
     unseen_labels = _as_labels(unseen_labels, "unseen_labels", len(unseen))
-    if train.shape[1] != unseen.shape[1]:
-        raise ValueError(
-            "`train_embeddings` and `unseen_embeddings` must have the same dimension. "
-            f"Received: {train.shape[1]} and {unseen.shape[1]}"
-        )
+    _check_same_dim(train, unseen, "train_embeddings", "unseen_embeddings")
     shared = np.intersect1d(train_labels, unseen_labels)
     if len(shared):
         raise ValueError(
@@ -128,10 +124,12 @@ def growing_inventory(embeddings, labels, years, **metric_kwargs):
     return rows
 
 
-def format_table(rows, keys=None):
+def format_table(rows, keys=None, headers=None, formats=None):
     """A Markdown table of results, metrics as percentages with one decimal.
 
-    Floats are shown as percentages (0.8734 → `87.3`); ints and strings as they are.
+    Floats are shown as percentages (0.8734 → `87.3`), ints and strings as they are,
+    unless `formats` says otherwise for their column. A row without a column's key
+    leaves that cell empty.
 
     Args:
         rows: one of
@@ -140,6 +138,9 @@ def format_table(rows, keys=None):
             - a sequence of result dicts (the output of `growing_inventory`);
             - a single result dict: one row.
         keys: the columns, in order. Default: every key, in order of first appearance.
+        headers: a mapping of column keys to header texts. Default: the key itself.
+        formats: a mapping of column keys to `str.format` patterns for their cells,
+            e.g. `{"qps": "{:,.0f}", "ms": "{:.2f}", "share": "{:.0%}"}`.
     Returns:
         The table as a string, one line per row after the header lines.
     """
@@ -155,14 +156,22 @@ def format_table(rows, keys=None):
         )
     if keys is None:
         keys = list(dict.fromkeys(key for row in rows for key in row))
-    header = ([""] if names else []) + [str(key) for key in keys]
+    headers, formats = dict(headers or {}), dict(formats or {})
+    for name, mapping in (("headers", headers), ("formats", formats)):
+        unknown = [key for key in mapping if key not in keys]
+        if unknown:
+            raise ValueError(f"`{name}` must only name columns {list(keys)}. Received unknown keys: {unknown}")
+    header = ([""] if names else []) + [str(headers.get(key, key)) for key in keys]
     lines = [header, ["---"] * len(header)]
     for i, row in enumerate(rows):
-        lines.append(([names[i]] if names else []) + [_format_cell(row.get(key, "")) for key in keys])
+        cells = [_format_cell(row[key], formats.get(key)) if key in row else "" for key in keys]
+        lines.append(([names[i]] if names else []) + cells)
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def _format_cell(value):
+def _format_cell(value, pattern=None):
+    if pattern is not None:
+        return pattern.format(value)
     if isinstance(value, (float, np.floating)):
         return "nan" if math.isnan(value) else f"{100 * value:.1f}"
     return str(value)

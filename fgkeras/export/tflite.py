@@ -30,6 +30,7 @@ Two TFLite conversion traps are avoided here, and the tests would catch them:
   variables that are never initialised in the interpreter, and the model silently returns NaN.
 """
 
+import functools
 import logging
 import os
 import warnings
@@ -45,6 +46,29 @@ MODES = ("fp32", "dynamic", "int8")
 _DEFAULT_CALIBRATION_IMAGES = 300
 # tf.lite.Interpreter's notice that it moves to the ai_edge_litert package (not installed here).
 _INTERPRETER_NOTICE = r"(?s).*tf\.lite\.Interpreter is deprecated"
+# The converter's advice to pass the trackable object, which we do not on purpose (module docstring).
+_TRACKABLE_NOTICE = "Please consider providing the trackable_obj"
+
+
+def _without_trackable_notice(convert):
+    """`convert` with the converter's trackable-object advice dropped from the "absl" logger."""
+
+    @functools.wraps(convert)
+    def wrapped(*args, **kwargs):
+        absl_logger = logging.getLogger("absl")
+        notice = _TrackableNotice()
+        absl_logger.addFilter(notice)
+        try:
+            return convert(*args, **kwargs)
+        finally:
+            absl_logger.removeFilter(notice)
+
+    return wrapped
+
+
+class _TrackableNotice(logging.Filter):
+    def filter(self, record):
+        return _TRACKABLE_NOTICE not in record.getMessage()
 
 
 def _inference_function(embedder, image_size):
@@ -107,6 +131,7 @@ def head_node_names(model_content):
             if len(tensors[op["outputs"][0]]["shape_signature"]) <= 2]
 
 
+@_without_trackable_notice
 def convert_tflite(embedder, image_size, mode="fp32", representative_images=None, float_head=True,
                    max_calibration_images=_DEFAULT_CALIBRATION_IMAGES):
     """The TFLite flatbuffer (bytes) of an embedder; see `export_tflite`."""

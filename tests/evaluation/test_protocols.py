@@ -38,6 +38,11 @@ def test_open_set_rejects_shared_classes():
         open_set(np.zeros((2, 2)), [0, 1], np.ones((2, 2)), [1, 2])
 
 
+def test_open_set_rejects_embeddings_of_another_dimension():
+    with pytest.raises(ValueError, match="`train_embeddings` and `unseen_embeddings` must have the same dimension"):
+        open_set(np.zeros((2, 2)), [0, 1], np.ones((2, 3)), [2, 3])
+
+
 def test_growing_inventory_hand_worked(caplog):
     # Classes on a line: A (2000) at 0, 1; B (2000) at 10, 11; C (2001) at 0.4, 5; D (2002) at 30.
     #   2000: inventory A, B (2 classes, 4 items); the 4 items are the queries, all hit at rank 1.
@@ -99,3 +104,23 @@ def test_format_table_single_result_and_open_set_output():
 def test_format_table_rejects_empty_rows():
     with pytest.raises(ValueError, match="rows"):
         format_table([])
+
+
+def test_format_table_column_headers_and_formats():
+    rows = [{"what": "exact", "qps": 12345.6, "share": 0.5, "recall": 0.87344},
+            {"what": "scann", "qps": 99.0}]
+    table = format_table(rows, headers={"qps": "QPS", "share": "of bound"},
+                         formats={"qps": "{:,.0f}", "share": "{:.0%}"})
+    assert table.splitlines() == [
+        "| what | QPS | of bound | recall |",
+        "| --- | --- | --- | --- |",
+        "| exact | 12,346 | 50% | 87.3 |",  # a column without a format keeps the percentage
+        "| scann | 99 |  |  |",
+    ]
+
+
+def test_format_table_rejects_formats_of_absent_columns():
+    with pytest.raises(ValueError, match="formats"):
+        format_table([{"qps": 1.0}], keys=["qps"], formats={"qsp": "{:.0f}"})
+    with pytest.raises(ValueError, match="headers"):
+        format_table([{"qps": 1.0}], headers={"qsp": "QPS"})

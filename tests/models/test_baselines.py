@@ -3,20 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fgkeras.models import BASELINES, Embedder, MetricLearner, build_baseline, build_embedder
-
-
-def _tiny_embedder(seed=0):
-    """A small backbone without batch norm, so that per-replica statistics cannot differ."""
-    keras.utils.set_random_seed(seed)
-    backbone = keras.Sequential([
-        keras.Input((16, 16, 3)),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-    ], name="tiny")
-    embedder = Embedder(backbone, embedding_dim=8)
-    embedder.build((None, 16, 16, 3))
-    return embedder
+from fgkeras.models import BASELINES, MetricLearner, build_baseline
 
 
 def _batch(num_classes=4, per_class=4, seed=0):
@@ -27,9 +14,9 @@ def _batch(num_classes=4, per_class=4, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
-def test_each_baseline_trains_with_plain_fit(name):
+def test_each_baseline_trains_with_plain_fit(name, tiny_embedder):
     images, labels = _batch()
-    model = build_baseline(name, _tiny_embedder(), num_classes=4, seed=1)
+    model = build_baseline(name, tiny_embedder(), num_classes=4, seed=1)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     before = [np.array(w) for w in model.embedder.trainable_weights]
     history = model.fit(images, labels, batch_size=16, epochs=2, verbose=0)
@@ -42,42 +29,42 @@ def test_each_baseline_trains_with_plain_fit(name):
         assert "softmax_loss" in history.history
 
 
-def test_no_bias_softmax_has_no_bias_and_bias_softmax_has_one():
-    no_bias = build_baseline("softmax_nobias", _tiny_embedder(), num_classes=4)
-    bias = build_baseline("softmax", _tiny_embedder(), num_classes=4)
+def test_no_bias_softmax_has_no_bias_and_bias_softmax_has_one(tiny_embedder):
+    no_bias = build_baseline("softmax_nobias", tiny_embedder(), num_classes=4)
+    bias = build_baseline("softmax", tiny_embedder(), num_classes=4)
     no_bias.build((None, 16, 16, 3))
     bias.build((None, 16, 16, 3))
     assert [w.name for w in no_bias.classifier.weights] == ["kernel"]
     assert sorted(w.name for w in bias.classifier.weights) == ["bias", "kernel"]
 
 
-def test_fits_on_dict_batches_from_fgkeras_data():
+def test_fits_on_dict_batches_from_fgkeras_data(tiny_embedder):
     images, labels = _batch()
     dataset = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(16)
-    model = build_baseline("triplet_batch_hard", _tiny_embedder())
+    model = build_baseline("triplet_batch_hard", tiny_embedder())
     model.compile(optimizer="adam")
     history = model.fit(dataset, epochs=1, verbose=0, shuffle=False)
     assert history.history["loss"][0] > 0
 
 
-def test_training_lowers_the_batch_hard_loss():
+def test_training_lowers_the_batch_hard_loss(tiny_embedder):
     images, labels = _batch(seed=3)
-    model = build_baseline("basic", _tiny_embedder(), num_classes=4)
+    model = build_baseline("basic", tiny_embedder(), num_classes=4)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     history = model.fit(images, labels, batch_size=16, epochs=30, verbose=0)
     assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
 
 
-def test_predict_returns_unit_embeddings():
+def test_predict_returns_unit_embeddings(tiny_embedder):
     images, _ = _batch()
-    model = build_baseline("triplet_random", _tiny_embedder(), seed=0)
+    model = build_baseline("triplet_random", tiny_embedder(), seed=0)
     out = model.predict(images, verbose=0)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
 
 
-def test_keras_file_round_trip(tmp_path):
+def test_keras_file_round_trip(tmp_path, tiny_embedder):
     images, labels = _batch()
-    model = build_baseline("basic", _tiny_embedder(), num_classes=4)
+    model = build_baseline("basic", tiny_embedder(), num_classes=4)
     model.compile(optimizer="adam")
     model.fit(images, labels, batch_size=16, epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
@@ -95,14 +82,14 @@ def test_keras_file_round_trip(tmp_path):
     ({"triplet": "hardest"}, "`triplet` must be one of"),
     ({"softmax": "none", "margin": 0.0}, "`margin` must be > 0"),
 ])
-def test_bad_configurations_are_refused(kwargs, message):
+def test_bad_configurations_are_refused(kwargs, message, tiny_embedder):
     with pytest.raises(ValueError, match=message):
-        MetricLearner(_tiny_embedder(), **kwargs)
+        MetricLearner(tiny_embedder(), **kwargs)
 
 
-def test_unknown_baseline_name():
+def test_unknown_baseline_name(tiny_embedder):
     with pytest.raises(ValueError, match="`name` must be one of"):
-        build_baseline("arcface", _tiny_embedder())
+        build_baseline("arcface", tiny_embedder())
 
 
 def _one_step(model, images, labels):
@@ -111,16 +98,16 @@ def _one_step(model, images, labels):
     return [np.asarray(w) for w in model.trainable_weights]
 
 
-def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strategy):
+def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strategy, tiny_embedder):
     images, labels = _batch(num_classes=4, per_class=4)
     # Softmax is a per-sample mean, so the global-batch update is well defined on any split.
-    single = build_baseline("softmax_nobias", _tiny_embedder(seed=5), num_classes=4)
+    single = build_baseline("softmax_nobias", tiny_embedder(seed=5), num_classes=4)
     expected = _one_step(single, images, labels)
     with mirrored_strategy.scope():
-        mirrored = build_baseline("softmax_nobias", _tiny_embedder(seed=5), num_classes=4)
+        mirrored = build_baseline("softmax_nobias", tiny_embedder(seed=5), num_classes=4)
         got = _one_step(mirrored, images, labels)
     initial = [np.asarray(w) for w in build_baseline(
-        "softmax_nobias", _tiny_embedder(seed=5), num_classes=4).trainable_weights]
+        "softmax_nobias", tiny_embedder(seed=5), num_classes=4).trainable_weights]
     assert any(not np.allclose(a, b) for a, b in zip(expected, initial))  # the step did something
     for a, b in zip(expected, got):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -20,20 +20,6 @@ from fgkeras.models.htg import (
 K = 4  # identities in every toy problem
 
 
-def _tiny_embedder(seed=0, embedding_dim=8):
-    """A small backbone without batch norm, so that per-replica statistics cannot differ
-    (the embedder's own feature batch norm is synchronised across replicas)."""
-    keras.utils.set_random_seed(seed)
-    backbone = keras.Sequential([
-        keras.Input((16, 16, 3)),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-    ], name="tiny")
-    embedder = Embedder(backbone, embedding_dim=embedding_dim)
-    embedder.build((None, 16, 16, 3))
-    return embedder
-
-
 def _pyramid_backbone(seed=0, size=32):
     """A tiny keras-hub ResNet (one block per stage) with pyramid outputs P2..P5 (stride 4..32)."""
     keras.utils.set_random_seed(seed)
@@ -82,10 +68,10 @@ def _numpy(x):
 
 
 @pytest.fixture(scope="module")
-def toy_game():
+def toy_game(tiny_embedder):
     """A game trained briefly on the colour toy problem (shared by the tests that need one)."""
     images, labels = _toy_problem()
-    game = _compile(build_htg(_tiny_embedder(seed=1), K, seed=0))
+    game = _compile(build_htg(tiny_embedder(seed=1), K, seed=0))
     history = game.fit(images, labels, batch_size=16, epochs=15, shuffle=False, verbose=0)
     return game, images, labels, history
 
@@ -155,11 +141,11 @@ def test_anchors_without_positive_or_negative_fall_back_to_themselves():
 # --- the players' updates ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("player", ["embedder", "generator", "discriminator"])
-def test_each_update_changes_only_its_players_weights(player):
+def test_each_update_changes_only_its_players_weights(player, tiny_embedder):
     # Trainable weights. Batch-norm moving statistics are state, not weights: every player's
     # forward pass in training mode updates them, whichever player is being optimised.
     images, labels = _batch()
-    game = _compile(build_htg(_tiny_embedder(), K, seed=0))
+    game = _compile(build_htg(tiny_embedder(), K, seed=0))
     game.generator.get_layer("bn4").gamma.assign(np.full(8, 0.5, "float32"))  # G off the identity
     features = game.embedder.features(images, training=True)
     triplets = form_triplets(labels, seed=0)
@@ -177,9 +163,9 @@ def test_each_update_changes_only_its_players_weights(player):
             assert not any(changed), f"the {player} update changed {name}"
 
 
-def test_train_step_updates_all_players_and_reports_three_losses():
+def test_train_step_updates_all_players_and_reports_three_losses(tiny_embedder):
     images, labels = _batch()
-    game = _compile(build_htg(_tiny_embedder(), K, seed=0))
+    game = _compile(build_htg(tiny_embedder(), K, seed=0))
     before = _values(game.embedder.trainable_weights + game.discriminator.trainable_weights)
     logs = game.train_step({"image": images, "label": labels})
     assert sorted(logs) == ["d_loss", "f_loss", "g_loss"]
@@ -189,11 +175,11 @@ def test_train_step_updates_all_players_and_reports_three_losses():
     assert game.g_optimizer.iterations.numpy() == 1 and game.d_optimizer.iterations.numpy() == 1
 
 
-def test_fake_features_are_classified_as_the_extra_class(rng):
+def test_fake_features_are_classified_as_the_extra_class(rng, tiny_embedder):
     labels = np.repeat(np.arange(K), 4)
     centres = rng.normal(size=(K, 8)).astype("float32") * 3
     features = centres[labels] + rng.normal(size=(16, 8)).astype("float32") * 0.3
-    game = _compile(build_htg(_tiny_embedder(), K, seed=0), learning_rate=3e-2)
+    game = _compile(build_htg(tiny_embedder(), K, seed=0), learning_rate=3e-2)
     game.generator.get_layer("bn4").gamma.assign(np.ones(8, "float32"))  # fakes differ from reals
     triplets = form_triplets(labels, seed=0)
 
@@ -284,21 +270,21 @@ def test_keypoint_embedder_keras_file_round_trip_alone_and_in_a_game(tmp_path, r
                                rtol=1e-5, atol=1e-6)
 
 
-def test_bad_keypoint_configurations():
+def test_bad_keypoint_configurations(tiny_embedder):
     with pytest.raises(ValueError, match="`levels` must be distinct pyramid levels .* Received: levels=\\['P2'\\]"):
         KeypointEmbedder(_pyramid_backbone(), levels=("P2",))  # P2 has no level before it
     with pytest.raises(ValueError, match="`levels` must be"):
         KeypointEmbedder(_pyramid_backbone(), levels=("P4", "P4"))
     with pytest.raises(ValueError, match="KPM needs a backbone with pyramid outputs"):
-        KeypointEmbedder(_tiny_embedder().backbone)
+        KeypointEmbedder(tiny_embedder().backbone)
     with pytest.raises(ValueError, match="`global_dim` must be >= 1"):
         KeypointEmbedder(_pyramid_backbone(), global_dim=0)
 
 
 # --- serialization -------------------------------------------------------------------------------
 
-def test_config_round_trip():
-    game = build_htg(_tiny_embedder(), K, margin=0.2, mu=0.5, beta=2.0, gamma=0.0, triplets="batch_hard", seed=7)
+def test_config_round_trip(tiny_embedder):
+    game = build_htg(tiny_embedder(), K, margin=0.2, mu=0.5, beta=2.0, gamma=0.0, triplets="batch_hard", seed=7)
     clone = HardTripletGAN.from_config(game.get_config())
     for name in ("num_classes", "margin", "mu", "beta", "gamma", "triplets", "seed"):
         assert getattr(clone, name) == getattr(game, name)
@@ -330,9 +316,9 @@ def test_keras_file_round_trip_of_the_trained_game_and_its_embedder(toy_game, tm
 
 # --- distribution --------------------------------------------------------------------------------
 
-def _one_step(strategy, images, labels, triplets):
+def _one_step(strategy, make_embedder, images, labels, triplets):
     with strategy.scope():
-        game = _compile(build_htg(_tiny_embedder(seed=5), K, triplets=triplets, seed=3),
+        game = _compile(build_htg(make_embedder(seed=5), K, triplets=triplets, seed=3),
                         learning_rate=0.2, optimizer=keras.optimizers.SGD)
         game.generator.get_layer("bn4").gamma.assign(np.full(8, 0.5, "float32"))
         history = game.fit(images, labels, batch_size=len(images), epochs=1, shuffle=False, verbose=0)
@@ -340,14 +326,14 @@ def _one_step(strategy, images, labels, triplets):
 
 
 @pytest.mark.parametrize("triplets", ["random", "batch_hard"])
-def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strategy, triplets):
+def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strategy, triplets, tiny_embedder):
     # 16 images, 2 whole classes per replica: each replica alone would form other triplets
     # (the hardest negative or the random draw may lie in the other shard) and see other
     # batch statistics in G and D; the game gathers the global batch, so it must not differ.
     images, labels = _batch()
-    expected_logs, expected = _one_step(tf.distribute.get_strategy(), images, labels, triplets)
-    logs, got = _one_step(mirrored_strategy, images, labels, triplets)
-    initial = _values(_compile(build_htg(_tiny_embedder(seed=5), K, seed=3)).weights)
+    expected_logs, expected = _one_step(tf.distribute.get_strategy(), tiny_embedder, images, labels, triplets)
+    logs, got = _one_step(mirrored_strategy, tiny_embedder, images, labels, triplets)
+    initial = _values(_compile(build_htg(tiny_embedder(seed=5), K, seed=3)).weights)
     assert sum(not np.allclose(a, b) for a, b in zip(expected, initial)) > 10  # the step did something
     for name in ("f_loss", "g_loss", "d_loss"):
         np.testing.assert_allclose(logs[name], expected_logs[name], rtol=1e-5)
@@ -369,15 +355,15 @@ def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strat
     ({"generator": build_generator(6)}, "generator must map the embedder's 8-d features"),
     ({"generator": keras.layers.Dense(8)}, "`generator` must be a built Keras model"),
 ])
-def test_bad_configurations_are_refused(kwargs, message):
-    arguments = {"embedder": _tiny_embedder(), "generator": build_generator(8),
+def test_bad_configurations_are_refused(kwargs, message, tiny_embedder):
+    arguments = {"embedder": tiny_embedder(), "generator": build_generator(8),
                  "discriminator": build_discriminator(8, K), "num_classes": K, **kwargs}
     with pytest.raises(ValueError, match=message):
         HardTripletGAN(**arguments)
 
 
-def test_players_need_their_own_optimizers():
-    game = build_htg(_tiny_embedder(), K)
+def test_players_need_their_own_optimizers(tiny_embedder):
+    game = build_htg(tiny_embedder(), K)
     shared = keras.optimizers.Adam()
     with pytest.raises(ValueError, match="its own optimizer"):
         game.compile(f_optimizer=shared, g_optimizer=shared, d_optimizer=keras.optimizers.Adam())
