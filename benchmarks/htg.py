@@ -32,6 +32,9 @@ ABLATIONS = {
     "batch-hard triplets in the game": ["train.method=htg", "train.triplets=batch_hard"],
     "μ = 0 (F without D's identity loss)": ["train.method=htg", "train.mu=0"],
     "longer game (warm-up 6 of 20 epochs)": ["train.method=htg", "train.warmup_epochs=6"],
+    "HTG+KPM (default)": ["train.method=htg", "model.kpm=true"],
+    "HTG+KPM, constant lr": ["train.method=htg", "model.kpm=true", "train.decay_epochs=1000"],
+    "HTG+KPM on P4,P5 (the paper's blocks 3, 4)": ["train.method=htg", "model.kpm=true", "model.kpm_levels=P4,P5"],
 }
 
 
