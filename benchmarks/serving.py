@@ -6,15 +6,18 @@ One exported embedder (`fgkeras.export`, a tiny ResNet-18 on small images), meas
    SavedModel call vs a `PredictionServiceStub.Predict` round trip to the server (batching on,
    its default), interleaved call by call so both see the same machine load;
    goal: gRPC p99 <= in-process p99 + 1 ms;
-2. throughput (images/s) at concurrency 1, 8 and 32 closed-loop clients, batching off vs on;
-   goal: >= 3x with batching at concurrency 32.
+2. throughput (images/s) at concurrency 1, 8 and 32 closed-loop clients, batching off vs on,
+   with the sizes of the batches formed; goal: >= 3x with batching at concurrency 32.
 
 The servers run in subprocesses (as in production: the client does not share their interpreter).
+Both servers and the in-process calls use the same TensorFlow threading (`--intra-op-parallelism`).
 
     python benchmarks/serving.py [--requests 2000] [--seconds 10] [--quick]
 """
 
 import argparse
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -25,13 +28,21 @@ import time
 import _common
 import numpy as np
 
+# argv: model root, batching parameters as JSON (or "off"), intra-op threads (0: TensorFlow's choice).
+# Each line read from stdin is answered with the batching counters as JSON.
 SERVER_SCRIPT = """
-import logging, sys
+import json, logging, sys, threading
 logging.basicConfig(level=logging.WARNING)
 from fgkeras.serving import BatchingParameters, serve
-batching = BatchingParameters() if sys.argv[2] == "on" else False
-server = serve(sys.argv[1], port=0, batching=batching, poll_seconds=0)
+batching = False if sys.argv[2] == "off" else BatchingParameters(**json.loads(sys.argv[2]))
+server = serve(sys.argv[1], port=0, batching=batching, poll_seconds=0, intra_op_parallelism=int(sys.argv[3]) or None)
 print(server.port, flush=True)
+
+def answer_stats():
+    for _ in sys.stdin:
+        print(json.dumps(server.stats()["batching"]), flush=True)
+
+threading.Thread(target=answer_stats, daemon=True).start()
 server.wait()
 """
 
@@ -48,15 +59,24 @@ def export_model(root, args):
     return result.path
 
 
-def start_server(root, batching):
+def start_server(root, batching, intra_op_parallelism):
+    """A server subprocess and its address; `batching` is a `BatchingParameters` or None."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, root, batching], stdout=subprocess.PIPE,
-                               env=env, text=True)
+    parameters = "off" if batching is None else json.dumps(dataclasses.asdict(batching))
+    process = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, root, parameters, str(intra_op_parallelism)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     line = process.stdout.readline()
     if not line.strip().isdigit():
         process.kill()
-        raise RuntimeError(f"the {batching} server did not start (printed {line!r})")
+        raise RuntimeError(f"the server (batching {parameters}) did not start (printed {line!r})")
     return process, f"127.0.0.1:{int(line)}"
+
+
+def batching_stats(process):
+    """The batching counters (`Server.stats()["batching"]`) of a server subprocess with batching on."""
+    process.stdin.write("stats\n")
+    process.stdin.flush()
+    return json.loads(process.stdout.readline())
 
 
 def stop_server(process):
@@ -114,22 +134,27 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def throughput(target, image, concurrency, seconds, pid):
-    """(images/s, images per server CPU-second) of `concurrency` closed-loop clients for `seconds`;
-    raises on any failed request."""
+def throughput(target, image, concurrency, seconds, pid, transport_only=False):
+    """(calls/s, calls per server CPU-second) of `concurrency` closed-loop clients for `seconds`:
+    Predict of one image, or GetModelStatus with `transport_only`; raises on any failed call."""
     import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
     channel = grpc.insecure_channel(target)
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    request = embed_request(image)
-    stub.Predict(request, timeout=30)
+    if transport_only:
+        call = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "embedder"
+    else:
+        call = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+        request = embed_request(image)
+    call(request, timeout=30)
     stop, counts, errors = threading.Event(), [0] * concurrency, []
 
     def client(slot):
         while not stop.is_set():
             try:
-                stub.Predict(request, timeout=30)
+                call(request, timeout=30)
             except grpc.RpcError as error:
                 errors.append(error)
                 return
@@ -151,6 +176,8 @@ def throughput(target, image, concurrency, seconds, pid):
 
 
 def main():
+    from fgkeras.serving import BatchingParameters
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="latency samples per path")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each throughput run")
@@ -158,32 +185,54 @@ def main():
     parser.add_argument("--image-size", type=int, default=32, help="model input side")
     parser.add_argument("--width", type=float, default=0.25, help="ResNet-18 width multiplier")
     parser.add_argument("--quick", action="store_true", help="300 latency samples, 2 x 2 s throughput runs")
+    parser.add_argument("--intra-op-parallelism", type=int, default=1,
+                        help="TensorFlow intra-op threads of both servers and of the in-process calls (0: TF's choice)")
+    defaults = BatchingParameters()
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--batch-timeout-micros", type=int, default=defaults.batch_timeout_micros)
+    parser.add_argument("--num-batch-threads", type=int, default=defaults.num_batch_threads)
     args = parser.parse_args()
     if args.quick:
         args.requests, args.seconds, args.rounds = 300, 2.0, 2
+    batching = BatchingParameters(max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
+                                  num_batch_threads=args.num_batch_threads)
     load = os.getloadavg()
 
     import tensorflow as tf
 
+    if args.intra_op_parallelism:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_parallelism)
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "embedder")
         version_dir = export_model(root, args)
         pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
         image = tf.io.encode_jpeg(pixels).numpy()
-        servers = {mode: start_server(root, mode) for mode in ("off", "on")}
+        servers = {mode: start_server(root, parameters, args.intra_op_parallelism)
+                   for mode, parameters in (("off", None), ("on", batching))}
         try:
             local, remote, transport = latency(version_dir, servers["on"][1], image, args.requests)
-            samples = {}
+            samples, batches, floor = {}, {}, []
             for concurrency in (1, 8, 32):
                 for _ in range(args.rounds):  # alternated, so both modes see the same machine load
                     for mode in ("off", "on"):
                         process, target = servers[mode]
+                        before = batching_stats(process) if mode == "on" else None
                         rate, per_cpu = throughput(target, image, concurrency, args.seconds, process.pid)
                         samples.setdefault((mode, concurrency), []).append((rate, per_cpu))
+                        if before is not None:
+                            after = batching_stats(process)
+                            count = batches.setdefault(concurrency, [0, 0])
+                            count[0] += after["images"] - before["images"]
+                            count[1] += after["batches"] - before["batches"]
                         print(f"concurrency {concurrency:2d}, batching {mode:3s}: {rate:8.1f} images/s, "
                               f"{per_cpu:8.1f} images per server CPU-second", flush=True)
+                    if concurrency == 32:  # the transport alone, in the same conditions
+                        process, target = servers["off"]
+                        floor.append(throughput(target, image, concurrency, args.seconds, process.pid,
+                                                transport_only=True))
             rates = {cell: float(np.median([r for r, _ in values])) for cell, values in samples.items()}
             efficiency = {cell: float(np.median([e for _, e in values])) for cell, values in samples.items()}
+            floor_rate, floor_per_cpu = (float(np.median(column)) for column in zip(*floor))
         finally:
             for process, _ in servers.values():
                 stop_server(process)
@@ -200,7 +249,8 @@ def main():
     overhead_p99 = latency_rows[1]["p99"] - latency_rows[0]["p99"]
     throughput_rows = [{"concurrency": c, "off": rates["off", c], "on": rates["on", c],
                         "ratio": rates["on", c] / rates["off", c], "off_cpu": efficiency["off", c],
-                        "on_cpu": efficiency["on", c], "cpu_ratio": efficiency["on", c] / efficiency["off", c]}
+                        "on_cpu": efficiency["on", c], "cpu_ratio": efficiency["on", c] / efficiency["off", c],
+                        "batch": batches[c][0] / max(batches[c][1], 1)}
                        for c in (1, 8, 32)]
     latency_table = _common.markdown_table(latency_rows, [
         ("path", "embed, one 48x40 JPEG, concurrency 1", "{}"), ("p50", "p50 ms", "{:.2f}"),
@@ -213,17 +263,22 @@ def main():
         ("concurrency", "concurrent clients", "{}"), ("off", "batching off, images/s", "{:.1f}"),
         ("on", "batching on, images/s", "{:.1f}"), ("ratio", "on / off", "{:.2f}x"),
         ("off_cpu", "off, images per server CPU-s", "{:.0f}"), ("on_cpu", "on, images per server CPU-s", "{:.0f}"),
-        ("cpu_ratio", "on / off per CPU-s", "{:.2f}x")])
+        ("cpu_ratio", "on / off per CPU-s", "{:.2f}x"), ("batch", "on, mean batch (images)", "{:.1f}")])
     ratio = rates["on", 32] / rates["off", 32]
     throughput_text = (
         f"{throughput_table}\n\nGoal at concurrency 32: >= 3x with batching ({'met' if ratio >= 3 else 'NOT met'}: "
         f"{ratio:.2f}x); {args.seconds:g} s per run, median of {args.rounds} alternated runs; zero failed requests. "
-        "Default batching parameters: max_batch_size 32, batch_timeout_micros 0, num_batch_threads = CPUs. "
+        f"Batching parameters: max_batch_size {batching.max_batch_size}, batch_timeout_micros "
+        f"{batching.batch_timeout_micros}, num_batch_threads {batching.num_batch_threads}. "
         "Images per server CPU-second (user + system time of the server process) makes the comparison insensitive "
         "to the share of the CPUs each server got: on a loaded machine 32 busy request threads (batching off) win "
-        "a larger share than 2 batch threads do.")
+        "a larger share than one batch thread does.\n\n"
+        f"The transport alone (GetModelStatus, no model work) at 32 clients: {floor_rate:.0f} calls/s, "
+        f"{floor_per_cpu:.0f} calls per server CPU-second: batching divides the model's cost per image, not "
+        "this cost per request, which caps what it can gain.")
     model = (f"Load average before the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) on "
-             f"{os.cpu_count()} CPUs (other jobs share them: tails, p99, are noisy). "
+             f"{os.cpu_count()} CPUs (other jobs share them: tails, p99, are noisy). TensorFlow intra-op threads: "
+             f"{args.intra_op_parallelism or 'its default'} in both servers and in the in-process calls. "
              f"ResNet-18 (width {args.width}) embedder, {args.image_size} px input, 64-d embeddings, exported with "
              "`fgkeras.export.export_and_push`; servers in subprocesses on 127.0.0.1, client in this process.")
     print(latency_text)

@@ -131,10 +131,12 @@ def cmd_export(args):
 def cmd_serve(args):
     from fgkeras import serving
 
-    batching = serving.BatchingParameters(max_batch_size=args.max_batch_size,
-                                          batch_timeout_micros=args.batch_timeout_micros) if args.batching else False
+    batching = serving.BatchingParameters(
+        max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
+        num_batch_threads=args.num_batch_threads) if args.batching else False
     server = serving.serve(args.model_dir, model_name=args.model_name, host=args.host, port=args.port,
-                           batching=batching, index_dir=args.index_dir)
+                           batching=batching, index_dir=args.index_dir,
+                           intra_op_parallelism=args.intra_op_parallelism)
     print(f"fgkeras serve: {args.model_dir} on {server.address} (SIGTERM or Ctrl-C stops)", flush=True)
     server.wait()
 
@@ -205,6 +207,10 @@ def build_parser():
                        help="server-side dynamic batching (default: on)")
     serve.add_argument("--max-batch-size", type=int, default=32)
     serve.add_argument("--batch-timeout-micros", type=int, default=0)
+    serve.add_argument("--num-batch-threads", type=int, default=1)
+    serve.add_argument("--intra-op-parallelism", type=int,
+                       help="threads one TensorFlow op may use (default: TensorFlow's, a thread per core); "
+                            "1 often serves small models faster")
     serve.set_defaults(func=cmd_serve)
 
     search = commands.add_parser("search", help="search a running server with image files")

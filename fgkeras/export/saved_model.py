@@ -146,7 +146,7 @@ class RetrievalModule(EmbedderModule):
         k: neighbours returned per query; reduced to N when the gallery is smaller.
         flavour: "exact" (matmul + top-k) or "scann" (in-graph ScaNN searcher).
         scann_config: for "scann": None (from the gallery size), a dict of settings or a
-            ScaNN text config (see `build_scann_searcher`).
+            ScaNN text config (see `scann_text_config`).
     """
 
     def __init__(self, embedder, image_size, embeddings, ids, k=10, flavour="exact",
@@ -166,8 +166,10 @@ class RetrievalModule(EmbedderModule):
         if flavour == "exact":
             self.gallery_embeddings = tf.Variable(embeddings, trainable=False, name="gallery_embeddings")
         else:
-            searcher, self.scann_config = build_scann_searcher(embeddings, self.k, scann_config)
-            self.scann_state = searcher.serialize_to_module()
+            from scann.scann_ops.py import scann_ops
+
+            self.scann_config = scann_text_config(embeddings, self.k, scann_config)
+            self.scann_state = scann_ops.create_searcher(embeddings, self.scann_config).serialize_to_module()
         self.search = tf.function(
             self._search, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
         )
@@ -218,73 +220,38 @@ def _check_gallery(embeddings, ids):
     return embeddings, ids
 
 
-def scann_settings_for(embeddings):
-    """ScaNN settings from the gallery size, following ScaNN's guidance (as `ScannIndex` does).
-
-    Brute force below 20k items; asymmetric hashing (2 dimensions per block, anisotropic
-    threshold 0.2) with exact reordering of the best 250 below 100k; above, a tree of ≈ √N
-    leaves (spherical for unit vectors) searching 10 % of them, then AH and reordering.
-    """
-    num = len(embeddings)
-    if num < 20_000:
-        return {"mode": "brute_force"}
-    settings = {"mode": "ah", "dims_per_block": 2, "anisotropic_quantization_threshold": 0.2, "reorder": 250}
-    if num >= 100_000:
-        leaves = max(2, min(round(np.sqrt(num)), num // 2))
-        unit = bool(np.allclose(np.linalg.norm(embeddings[:10_000], axis=1), 1.0, atol=1e-3))
-        settings.update(mode="tree", num_leaves=leaves, num_leaves_to_search=max(1, int(np.ceil(leaves / 10))),
-                        training_sample_size=min(num, max(100_000, 100 * leaves)), spherical=unit)
-    return settings
-
-
-def build_scann_searcher(embeddings, k, scann_config=None):
-    """A `scann_ops` searcher (dot product) over the gallery, and the ScaNN text config it uses.
+def scann_text_config(embeddings, k, scann_config=None):
+    """The ScaNN text config of a dot-product searcher over the gallery, configured by `ScannIndex`.
 
     Args:
         embeddings: (N, D) float32 gallery.
-        k: default number of neighbours.
-        scann_config: None (settings from the size: `scann_settings_for`), a dict of settings
-            as `ScannIndex.config` reports them ("mode": "brute_force" | "ah" | "tree", and
-            "num_leaves", "num_leaves_to_search", "training_sample_size", "spherical",
-            "dims_per_block", "anisotropic_quantization_threshold", "reorder"), or a ScaNN
-            text config (`ScannBuilder.create_config()`) used as is.
-    Returns:
-        `(searcher, config_text)`.
+        k: default number of neighbours (the reordering keeps at least k candidates).
+        scann_config: None (what `ScannIndex` builds for N such vectors before calibrating its
+            search-time settings: `ScannIndex.settings_for`), a dict of settings as
+            `ScannIndex.config` or `ScannIndex.settings_for` gives them, or a ScaNN text config
+            (`ScannBuilder.create_config()`), returned as is.
     """
     from scann.scann_ops.py import scann_ops
+
+    from fgkeras.index.scann_index import MODES, ScannIndex, _unit_norm
 
     if isinstance(scann_config, str):
         if "distance_measure" not in scann_config:
             raise ValueError(f"`scann_config` is not a ScaNN text config. Received: {scann_config!r:.200}")
-        return scann_ops.create_searcher(embeddings, scann_config), scann_config
-    if scann_config is not None and not isinstance(scann_config, dict):
+        return scann_config
+    if scann_config is None:
+        settings = ScannIndex().settings_for(len(embeddings), unit_norm=_unit_norm(embeddings))
+    elif isinstance(scann_config, dict):
+        settings = dict(scann_config)
+    else:
         raise ValueError(f"`scann_config` must be None, a dict of settings or a ScaNN text config. "
                          f"Received: {scann_config!r:.200}")
-    settings = dict(scann_config) if scann_config else scann_settings_for(embeddings)
-    mode = settings.get("mode")
-    if mode not in ("brute_force", "ah", "tree"):
-        raise ValueError(f"ScaNN `mode` must be 'brute_force', 'ah' or 'tree'. Received: {mode!r}")
+    if settings.get("mode") not in MODES:
+        raise ValueError(f"ScaNN `mode` must be one of {MODES}. Received: {settings.get('mode')!r}")
+    if settings["mode"] != "brute_force":
+        settings["reorder"] = max(settings["reorder"], k)
     builder = scann_ops.builder(embeddings, k, "dot_product")
-    if mode == "brute_force":
-        builder = builder.score_brute_force()
-    else:
-        num = len(embeddings)
-        if mode == "tree":
-            leaves = settings.get("num_leaves") or max(2, min(round(np.sqrt(num)), num // 2))
-            builder = builder.tree(
-                num_leaves=leaves,
-                num_leaves_to_search=settings.get("num_leaves_to_search") or max(1, int(np.ceil(leaves / 10))),
-                training_sample_size=settings.get("training_sample_size") or num,
-                spherical=bool(settings.get("spherical", False)),
-                min_partition_size=min(50, max(1, num // (2 * leaves))),
-            )
-        builder = builder.score_ah(
-            settings.get("dims_per_block", 2),
-            anisotropic_quantization_threshold=settings.get("anisotropic_quantization_threshold", 0.2),
-            training_sample_size=min(num, settings.get("training_sample_size") or 100_000),
-        )
-        builder = builder.reorder(max(settings.get("reorder") or 250, k))
-    return builder.build(), builder.create_config()
+    return ScannIndex().configure(builder, settings).create_config()
 
 
 def _save(module, path, flavour="exact"):
@@ -319,7 +286,7 @@ def export_retrieval(embedder, index, path, image_size, k=10, flavour="exact", s
         flavour: "exact" (pure TF ops) or "scann" (in-graph ScaNN ops).
         scann_config: for "scann": None to use the index's own settings (`index.config` of a
             `ScannIndex`) or, for another index, settings from the gallery size; or a dict of
-            settings / a ScaNN text config (see `build_scann_searcher`).
+            settings / a ScaNN text config (see `scann_text_config`).
     Returns:
         `path`.
     """

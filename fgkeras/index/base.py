@@ -67,6 +67,7 @@ class Index(abc.ABC):
 
     def __init__(self):
         self._storage = _Storage()
+        self._threads = None
 
     # ------------------------------------------------------------------ public API
 
@@ -221,6 +222,18 @@ class Index(abc.ABC):
         return self._storage.size
 
     @property
+    def threads(self):
+        """Search threads (None: every core); settable at any time."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value):
+        if value is not None and not _is_positive_int(value):
+            raise ValueError(f"`threads` must be a positive int or None. Received: threads={value!r}")
+        self._threads = value
+        self._on_threads()
+
+    @property
     def ids(self):
         """The ids in storage order: a (N,) object array of str (a copy)."""
         return self._storage.ids.copy()
@@ -256,6 +269,9 @@ class Index(abc.ABC):
 
     def _on_delete(self, rows):
         """Called after `delete`: each row in turn was removed by moving the last row into it."""
+
+    def _on_threads(self):
+        """Called after `threads` was set."""
 
     def _manifest_config(self):
         return {}
@@ -382,6 +398,10 @@ class _Storage:
 def _preview(values, limit=5):
     shown = ", ".join(repr(v) for v in list(values)[:limit])
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _is_positive_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def _check_ids(ids, name, allow_single=False):
@@ -629,10 +649,15 @@ def _fgkeras_version():
 
 def recall_at_k(approx_rows, exact_rows):
     """Mean over queries of |approx top-k ∩ exact top-k| / k (rows or ids, (Q, k) arrays)."""
+    recalls = recall_per_query(approx_rows, exact_rows)
+    return float(recalls.mean()) if recalls.size else 1.0
+
+
+def recall_per_query(approx_rows, exact_rows):
+    """(Q,) float64: |approx top-k ∩ exact top-k| / k of each query (rows or ids, (Q, k) arrays)."""
     approx_rows, exact_rows = np.asarray(approx_rows), np.asarray(exact_rows)
     if exact_rows.size == 0:
-        return 1.0
+        return np.ones(len(exact_rows))
     k = exact_rows.shape[1]
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx_rows, exact_rows))
-    return hits / (k * len(exact_rows))
-
+    hits = [len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx_rows, exact_rows)]
+    return np.asarray(hits, np.float64) / k

@@ -1,111 +1,214 @@
-"""Exact (brute-force) inner-product search: float32 BLAS matrix products and a cheap top-k."""
+"""Exact (brute-force) inner-product search: float32 BLAS matrix products and a cheap top-k, on every core."""
+
+import concurrent.futures
+import contextlib
+import itertools
+import math
+import os
+import queue
+import threading
 
 import numpy as np
 
-from fgkeras.index.base import Index
+from fgkeras.index.base import Index, IndexFormatError
 
-# Queries scored against the gallery at once, and gallery rows per matrix product: a
-# (QUERY_BLOCK, GALLERY_CHUNK) float32 score block is 4 MiB (cache-resident), whatever N.
-QUERY_BLOCK = 256
-GALLERY_CHUNK = 4096
-# Columns of a score block are split into this many interleaved groups for the top-k (see `_top_k_columns`).
+# A matrix product scores SCORE_BLOCK // (queries) gallery rows against up to QUERY_BLOCK queries:
+# a (rows, queries) float32 block of 1 MiB, which the top-k pass then reads from the core's L2 cache.
+QUERY_BLOCK = 512
+SCORE_BLOCK = 1 << 18
+# Reading a gallery row costs about as much as scoring it against ROW_READ queries: fewer queries
+# than that, and the products are bound by the reading, which BLAS's own threads split well. For
+# more, the gallery is cut into ranges of rows, scanned for a block of queries by whichever thread
+# is free: up to RANGES_PER_THREAD per thread, so that a thread slowed down by other work on the
+# machine leaves ranges to the others, and none cheaper than MIN_TASK multiply-adds.
+ROW_READ = 16
+RANGES_PER_THREAD = 4
+MIN_TASK = 1 << 24
+# Columns of a score block are split into this many interleaved groups for the top-k of the first
+# block (see `_top_k_columns`), and the rows of the later blocks into ROW_GROUPS groups (see `_above`).
 GROUPS = 32
+ROW_GROUPS = 8
 
 
-def exact_search(gallery, queries, k, query_block=QUERY_BLOCK, gallery_chunk=GALLERY_CHUNK):
+def exact_search(gallery, queries, k, threads=None, query_block=QUERY_BLOCK, score_block=SCORE_BLOCK):
     """The exact top-`k` rows of `gallery` by inner product with each query, best first.
 
-    Scores come from float32 matrix products (BLAS sgemm of a block of queries against a chunk of
-    gallery rows; one matrix-vector product for a single query). Selecting the top k then costs
-    about one cheap vectorised pass over each score block, far below the product itself:
+    The queries are cut into blocks and the gallery into ranges of rows. Each of `threads` threads
+    takes (query block, range) tasks in turn and keeps a running top k for each query block it
+    meets: it scores the range a block of rows at a time with a float32 matrix product (BLAS
+    sgemm), then updates the top k of each query with a cheap vectorised pass over the score block
+    while it is in cache:
 
-    - the first chunk's top k come from `_top_k_columns` (a group-maximum filter, then a partial
+    - the first block's top k come from `_top_k_columns` (a group-maximum filter, then a partial
       sort of a few candidates);
-    - every later chunk is compared with each query's current k-th best score: only the scores
-      above it (on random order about k / j of them per query in the j-th chunk) are gathered and
-      merged into the running top k.
+    - every later block is compared with each query's current k-th best score (see `_above`):
+      only the scores above it (on random order about k / j of them per query in the j-th block)
+      are gathered, and merged into the running top k.
+
+    The threads' top k are then merged. BLAS itself is held at one thread meanwhile: the threads
+    are the parallelism (numpy releases the GIL in the products and in the top-k passes). Fewer
+    than ROW_READ queries are scanned by one thread, their products (matrix-vector for one query)
+    split by BLAS's threads instead.
 
     Args:
         gallery: (N, D) float32, C-contiguous.
         queries: (Q, D) float32.
         k: int, 1 <= k <= N.
+        threads: threads to use (None: every core). The BLAS thread count is process-wide, so
+            searches from several threads take turns.
+        query_block: queries per matrix product.
+        score_block: entries of a score block (sets the gallery rows per matrix product).
     Returns:
         `(rows, scores)`: (Q, k) int64 gallery rows and (Q, k) float32 inner products, by
         decreasing score.
     """
-    if len(queries) == 1:
-        scores = (gallery @ queries[0])[None, :]
-        rows = _top_k_columns(scores, k)
-        return _sorted(rows, np.take_along_axis(scores, rows, axis=1))
-    rows_out = np.empty((len(queries), k), np.int64)
-    scores_out = np.empty((len(queries), k), np.float32)
-    chunk = max(gallery_chunk, k)
-    buffer = np.empty(min(query_block, len(queries)) * min(chunk, len(gallery)), np.float32)
-    for q0 in range(0, len(queries), query_block):
-        block = queries[q0:q0 + query_block]
-        top = None
-        for g0 in range(0, len(gallery), chunk):
-            part = gallery[g0:g0 + chunk]
-            scores = buffer[: len(block) * len(part)].reshape(len(block), len(part))
-            np.dot(block, part.T, out=scores)
-            if top is None:
-                top = _RunningTopK(scores, k)
-            else:
-                top.add(scores, g0)
-        rows_out[q0:q0 + len(block)], scores_out[q0:q0 + len(block)] = top.result()
-    return rows_out, scores_out
+    if len(queries) == 0:
+        return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+    threads = threads or os.cpu_count()
+    query_block = min(query_block, len(queries))
+    gallery_block = max(score_block // query_block, k)
+    query_starts = range(0, len(queries), query_block)
+    split = threads > 1 and len(queries) >= ROW_READ
+    ranges = _ranges(len(gallery), k, gallery.shape[1] * (query_block + ROW_READ),
+                     math.ceil(RANGES_PER_THREAD * threads / len(query_starts)) if split else 1)
+    tasks = queue.SimpleQueue()
+    for task in itertools.product(query_starts, ranges):
+        tasks.put(task)
+
+    def work():
+        """Runs tasks until none is left: {query block start: its (rows, scores) top k}."""
+        tops = {}
+        buffer = np.empty(query_block * gallery_block, np.float32)
+        while True:
+            try:
+                q0, (start, stop) = tasks.get_nowait()
+            except queue.Empty:
+                return {q0: top.result() for q0, top in tops.items()}
+            tops[q0] = _scan(gallery, queries[q0:q0 + query_block], k, start, stop, buffer, tops.get(q0))
+
+    workers = min(threads, len(query_starts) * len(ranges))
+    with _limited_blas(1 if split else threads):
+        if workers == 1:
+            found = [work()]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                found = [future.result() for future in [pool.submit(work) for _ in range(workers)]]
+    rows = np.empty((len(queries), k), np.int64)
+    scores = np.empty((len(queries), k), np.float32)
+    for q0 in query_starts:
+        parts = [top[q0] for top in found if q0 in top]
+        block_rows, block_scores = (np.concatenate(part, axis=1) for part in zip(*parts))
+        if len(parts) > 1:
+            best = _top_k_columns(block_scores, k)
+            block_rows = np.take_along_axis(block_rows, best, axis=1)
+            block_scores = np.take_along_axis(block_scores, best, axis=1)
+        rows[q0:q0 + query_block], scores[q0:q0 + query_block] = _sorted(block_rows, block_scores)
+    return rows, scores
+
+
+def _ranges(num_rows, k, work_per_row, wanted):
+    """`wanted` (start, stop) ranges of about equal size covering the rows, fewer when a range would
+    hold less than k rows or cost less than MIN_TASK (`work_per_row` a row)."""
+    count = max(1, min(wanted, num_rows // k, num_rows * work_per_row // MIN_TASK))
+    bounds = [num_rows * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _scan(gallery, queries, k, start, stop, buffer, top):
+    """Updates the running top k `top` of `queries` (None: a new one) with gallery rows [start, stop),
+    at least k of them, scored `len(buffer) // len(queries)` rows at a time; returns it."""
+    queries_t = queries.T
+    block = len(buffer) // len(queries)
+    for g0 in range(start, stop, block):
+        part = gallery[g0:min(g0 + block, stop)]
+        scores = buffer[: len(part) * len(queries)].reshape(len(part), len(queries))
+        np.dot(part, queries_t, out=scores)
+        if top is None:
+            top = _RunningTopK(scores, k, g0)
+        else:
+            top.add(scores, g0)
+    return top
+
+
+class _LimitedBlas:
+    """A context that holds the BLAS libraries at a number of threads, for one search at a time.
+
+    Their thread count is process-wide, and threadpoolctl lets one thread at a time change it (the
+    calls of others are ignored until it is done), so concurrent searches take turns: each uses
+    the threads it is given anyway. The libraries are found once: finding them takes milliseconds.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._controller = None
+
+    @contextlib.contextmanager
+    def __call__(self, threads):
+        with self._lock:
+            if self._controller is None:
+                import threadpoolctl
+
+                self._controller = threadpoolctl.ThreadpoolController()
+            with self._controller.limit(limits=threads, user_api="blas"):
+                yield
+
+
+_limited_blas = _LimitedBlas()
 
 
 class _RunningTopK:
-    """The top k of each row over successive score blocks, with a per-row threshold filter.
+    """The top k of each query over successive (gallery rows, queries) score blocks.
 
-    Candidates above a row's current k-th best score are collected, and merged (which raises the
-    thresholds) every `MERGE_EVERY` blocks: a stale threshold only lets a few more through, and
-    merging costs a dozen numpy calls whatever the number of candidates.
+    The scores of a block above their query's current k-th best are kept as candidates (see
+    `_above`), and merged into the top k (which raises the thresholds) once there are more than k
+    per query: on random order the j-th block holds about k / j candidates per query, so the
+    merges come at geometrically spaced blocks, a dozen numpy calls each.
     """
 
-    MERGE_EVERY = 8
-
-    def __init__(self, scores, k):
+    def __init__(self, scores, k, offset):
+        """`scores`: the first block, at least k rows; `offset`: the gallery row of its first row."""
+        by_query = np.ascontiguousarray(scores.T)
+        columns = _top_k_columns(by_query, k)
         self.k = k
-        self.rows = _top_k_columns(scores, k)
-        self.scores = np.take_along_axis(scores, self.rows, axis=1)
+        self.rows = columns + offset
+        self.scores = np.take_along_axis(by_query, columns, axis=1)
         self.threshold = self.scores.min(axis=1)
         self._pending = []
-        self._blocks = 0
+        self._count = 0
 
     def add(self, scores, offset):
-        rows, columns = _above(scores, self.threshold)
-        if rows.size:
-            self._pending.append((rows, columns + offset, scores[rows, columns]))
-        self._blocks += 1
-        if self._blocks % self.MERGE_EVERY == 0:
-            self._merge()
+        queries, rows, values = _above(scores, self.threshold)
+        if queries.size:
+            self._pending.append((queries, rows + offset, values))
+            self._count += queries.size
+            if self._count > self.k * len(self.threshold):
+                self._merge()
 
     def result(self):
+        """(rows, scores): the top k of each query so far, unordered."""
         self._merge()
-        return _sorted(self.rows, self.scores)
+        return self.rows, self.scores
 
     def _merge(self):
         if not self._pending:
             return
-        rows, columns, scores = (np.concatenate(parts) for parts in zip(*self._pending))
-        self._pending = []
-        order = np.argsort(rows, kind="stable")
-        rows, columns, scores = rows[order], columns[order], scores[order]
+        queries, rows, scores = (np.concatenate(parts) for parts in zip(*self._pending))
+        self._pending, self._count = [], 0
+        order = np.argsort(queries, kind="stable")
+        queries, rows, scores = queries[order], rows[order], scores[order]
         k = self.k
-        starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
-        counts = np.diff(np.append(starts, len(rows)))
-        touched = rows[starts]
+        starts = np.flatnonzero(np.concatenate([[True], queries[1:] != queries[:-1]]))
+        counts = np.diff(np.append(starts, len(queries)))
+        touched = queries[starts]
         width = k + int(counts.max())
         pooled_scores = np.full((len(touched), width), -np.inf, np.float32)
         pooled_rows = np.zeros((len(touched), width), np.int64)
         pooled_scores[:, :k] = self.scores[touched]
         pooled_rows[:, :k] = self.rows[touched]
         line = np.repeat(np.arange(len(touched)), counts)
-        position = k + np.arange(len(rows)) - np.repeat(starts, counts)
+        position = k + np.arange(len(queries)) - np.repeat(starts, counts)
         pooled_scores[line, position] = scores
-        pooled_rows[line, position] = columns
+        pooled_rows[line, position] = rows
         best = np.argpartition(pooled_scores, width - k, axis=1)[:, width - k:]
         self.scores[touched] = np.take_along_axis(pooled_scores, best, axis=1)
         self.rows[touched] = np.take_along_axis(pooled_rows, best, axis=1)
@@ -148,23 +251,22 @@ def _top_k_columns(scores, k):
 
 
 def _above(scores, thresholds):
-    """(rows, columns) of the entries of `scores` (Q, C) above their row's threshold, rows ascending.
+    """(queries, rows, scores) of the entries of `scores` (rows, Q) above their query's threshold.
 
-    A row maximum (one vectorised pass) first finds the rows with any such entry; when they are
-    few, only their scores are compared. `np.flatnonzero` on a flat mask, not the much slower
-    two-dimensional `np.nonzero`.
+    One vectorised pass takes each query's maximum over each of ROW_GROUPS groups of rows (a
+    reduction over the middle axis of (groups, rows, Q): one elementwise maximum per row, along
+    the queries). Only the (group, query) pairs whose maximum beats the threshold — after the first
+    blocks, on random order, a few percent — are then gathered and compared.
     """
-    num_rows, num_columns = scores.shape
-    hits = np.flatnonzero(scores.max(axis=1) > thresholds)
-    if hits.size == 0:
-        return hits, hits
-    if 2 * hits.size < num_rows:
-        scores, thresholds = scores[hits], thresholds[hits]
-    else:
-        hits = None
-    flat = np.flatnonzero(scores > thresholds[:, None])
-    rows, columns = np.divmod(flat, num_columns)
-    return (rows if hits is None else hits[rows]), columns
+    num_rows, num_queries = scores.shape
+    groups = ROW_GROUPS if num_rows % ROW_GROUPS == 0 else 1
+    size = num_rows // groups
+    blocks = scores.reshape(groups, size, num_queries)
+    group, query = np.divmod(np.flatnonzero(blocks.max(axis=1) > thresholds), num_queries)
+    values = blocks[group, :, query]
+    flat = np.flatnonzero(values > thresholds[query][:, None])
+    pair, row = np.divmod(flat, size)
+    return query[pair], group[pair] * size + row, values.ravel()[flat]
 
 
 def _sorted(rows, scores):
@@ -178,6 +280,9 @@ class ExactIndex(Index, kind="exact"):
     Every search scores the whole gallery with float32 matrix products (see `exact_search`), so
     results are exact and mutations cost nothing beyond the storage update.
 
+    Args:
+        threads: search threads (None: every core). BLAS is held to them during a search.
+
     Example:
     ```python
     index = ExactIndex().build(embeddings, ids)
@@ -185,5 +290,19 @@ class ExactIndex(Index, kind="exact"):
     ```
     """
 
+    def __init__(self, threads=None):
+        super().__init__()
+        self.threads = threads
+
     def _search(self, queries, k):
-        return exact_search(self._storage.vectors, queries, k)
+        return exact_search(self._storage.vectors, queries, k, threads=self.threads)
+
+    def _manifest_config(self):
+        return {"threads": self.threads}
+
+    @classmethod
+    def _from_manifest_config(cls, config):
+        try:
+            return cls(threads=config.get("threads"))
+        except ValueError as error:
+            raise IndexFormatError(f"manifest `config` of an exact index is malformed: {error}") from None

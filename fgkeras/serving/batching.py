@@ -8,7 +8,11 @@ of the model and the results are split back. As in TF Serving:
 - `batch_timeout_micros`: how long the oldest request waits for a batch to fill. 0 (TF Serving's
   advice for online serving) never waits: a batch is whatever has queued up while the model was
   busy, so a lone request pays nothing and a loaded server batches by itself.
-- `num_batch_threads`: how many batches run at the same time.
+- `num_batch_threads`: how many batches run at the same time. One (the default) is what makes
+  a timeout of 0 batch: requests queue while the model runs, and the next batch takes them (up
+  to `max_batch_size`). Each further thread starts a batch as soon as anything is queued, which
+  splits the same load into smaller batches: it pays when one batch leaves CPUs idle, or with a
+  timeout that lets those batches fill.
 - `max_enqueued_batches`: the queue holds at most this many full batches of images; a request
   beyond that is refused with RESOURCE_EXHAUSTED instead of waiting without end.
 
@@ -25,7 +29,6 @@ its own request, not the requests batched with it.
 import collections
 import dataclasses
 import logging
-import os
 import threading
 import time
 
@@ -43,13 +46,13 @@ class BatchingParameters:
     Attributes:
         max_batch_size: most images merged into one call of the model.
         batch_timeout_micros: how long the oldest queued request waits for more (0: never).
-        num_batch_threads: batches running at the same time (default: the number of CPUs).
+        num_batch_threads: batches running at the same time.
         max_enqueued_batches: queue capacity, in batches of `max_batch_size` images.
     """
 
     max_batch_size: int = 32
     batch_timeout_micros: int = 0
-    num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    num_batch_threads: int = 1
     max_enqueued_batches: int = 16
 
     def __post_init__(self):

@@ -16,6 +16,13 @@ suffix of the history onto its own result gives that result again.
 Log records are `LogRecord` messages of `protos/inventory.proto`, each framed by its length and
 CRC-32; a torn record at the end (the process died while writing it, before it was acknowledged)
 is dropped at replay.
+
+A `ScannIndex` is retrained (`rebalance_fraction`) off the request path: the change that makes it
+due copies the contents and starts a background thread, which trains a new index on the copy
+(`ScannIndex.retrained`) while searches and changes go on against the current one; the changes
+made meanwhile are recorded, replayed onto the new index, and it is swapped in between two
+changes. The current index always holds every acknowledged change, so the log and the snapshots
+do not depend on the retraining; one that fails is logged and dropped.
 """
 
 import logging
@@ -27,7 +34,7 @@ import zlib
 import grpc
 import numpy as np
 
-from fgkeras.index import ExactIndex, Index
+from fgkeras.index import ExactIndex, Index, ScannIndex
 from fgkeras.index.base import MANIFEST
 from fgkeras.serving.protos import inventory_pb2, inventory_pb2_grpc
 from fgkeras.serving.status import ServingError, abort_on_error, deadline_of, invalid_argument, not_found
@@ -55,6 +62,10 @@ class Inventory:
         self.snapshot_every = snapshot_every
         self._write_lock = threading.Lock()   # orders changes: log order = apply order
         self._index_lock = threading.Lock()   # the index between a change and a search
+        self._retraining = None               # the background retraining's thread, while it runs
+        self._pending = None                  # the changes it must replay (LogRecords), while it runs
+        self._closing = False
+        self._retrain_failed = False
         if os.path.isfile(os.path.join(self.index_dir, MANIFEST)):
             self._index = Index.load(self.index_dir)
         elif os.path.exists(self.index_dir) and (not os.path.isdir(self.index_dir) or os.listdir(self.index_dir)):
@@ -62,12 +73,16 @@ class Inventory:
                              f"Received: index_dir={index_dir!r}")
         else:
             self._index = new_index()
+        if isinstance(self._index, ScannIndex):
+            self._index.auto_rebalance = False  # retrained in the background instead
         self._ids = set(self._index.ids.tolist())
         replayed = self._replay()
         self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._changes = replayed
         if replayed:
             self.snapshot()
+        with self._write_lock:
+            self._maybe_retrain()
         logger.info("inventory of %d items from %s (%d logged changes replayed)", len(self._index),
                     self.index_dir, replayed)
 
@@ -122,7 +137,7 @@ class Inventory:
                 self._index.upsert(ids, embeddings)
                 self._ids.update(ids)
                 count = len(self._index)
-            self._after_change()
+            self._after_change(record)
         return inserted, len(ids) - inserted, count
 
     def delete(self, ids, missing_ok=False):
@@ -140,11 +155,12 @@ class Inventory:
                                 "nothing was deleted (set missing_ok to skip them)")
             known = [i for i in ids if i in self._ids]
             if known:
-                self._append(inventory_pb2.LogRecord(delete_ids=known))
+                record = inventory_pb2.LogRecord(delete_ids=known)
+                self._append(record)
                 with self._index_lock:
                     self._index.delete(known)
                     self._ids.difference_update(known)
-                self._after_change()
+                self._after_change(record)
             return len(known), len(self._index)
 
     def snapshot(self):
@@ -152,8 +168,23 @@ class Inventory:
         with self._write_lock:
             self._snapshot()
 
+    def wait_for_retraining(self, timeout=None):
+        """Blocks until no background retraining runs; False when `timeout` seconds passed first."""
+        thread = self._retraining
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
     def close(self):
-        """Snapshots (when anything changed since the last one) and closes the log."""
+        """Snapshots (when anything changed since the last one) and closes the log.
+
+        A retraining in progress is dropped: ScaNN's training cannot be interrupted, so this waits
+        for it to end, and the snapshot is of the index that served (it holds every change).
+        """
+        with self._write_lock:
+            self._closing = True
+        self.wait_for_retraining()
         with self._write_lock:
             if self._log is None:
                 return
@@ -174,10 +205,54 @@ class Inventory:
             raise OSError(f"short write to {self.log_path}: {written} of {len(frame)} bytes")
         os.fsync(self._log)
 
-    def _after_change(self):
+    def _after_change(self, record):
+        """(holds the write lock) Counts an applied change, snapshots and retrains when due."""
+        if self._pending is not None:
+            self._pending.append(record)
         self._changes += 1
         if self._changes >= self.snapshot_every:
             self._snapshot()
+        self._maybe_retrain()
+
+    def _maybe_retrain(self):
+        """(holds the write lock) Starts retraining a ScaNN index that is due, in the background."""
+        index = self._index
+        if (self._retraining is not None or self._closing or self._retrain_failed or len(index) == 0
+                or not isinstance(index, ScannIndex) or not index.rebalance_due):
+            return
+        embeddings, ids = index.embeddings.copy(), index.ids  # the index changes in place: a copy
+        self._pending = []
+        self._retraining = threading.Thread(target=self._retrain, args=(index, embeddings, ids),
+                                            name="fgkeras-inventory-retrain", daemon=True)
+        self._retraining.start()
+        logger.info("retraining the inventory's ScaNN index on %d items in the background", len(ids))
+
+    def _retrain(self, index, embeddings, ids):
+        """(its own thread) Trains a new index on the copy, replays the changes made meanwhile
+        (outside the lock while there are some, the last ones under it) and swaps it in."""
+        try:
+            fresh = index.retrained(embeddings, ids)
+            while True:
+                with self._write_lock:
+                    changes, self._pending = self._pending, []
+                    if self._closing:
+                        logger.info("the inventory is closing: the retrained index is dropped")
+                        break
+                    if not changes:
+                        with self._index_lock:
+                            self._index = fresh
+                        logger.info("retrained ScaNN index swapped in (%d items)", len(fresh))
+                        break
+                for record in changes:
+                    _apply(fresh, record)
+        except Exception:  # the current index keeps serving; it holds every change
+            logger.exception("retraining the inventory's ScaNN index failed; it is not retried in this process")
+            with self._write_lock:
+                self._retrain_failed = True
+        finally:
+            with self._write_lock:
+                self._pending = None
+                self._retraining = None
 
     def _snapshot(self):
         if self._index.dim is None:  # never held an item: nothing to save, the log says it all
@@ -200,7 +275,10 @@ class Inventory:
             payload = data[position + _FRAME.size:position + _FRAME.size + length]
             if len(payload) != length or zlib.crc32(payload) != crc:
                 break
-            self._apply(inventory_pb2.LogRecord.FromString(payload))
+            record = inventory_pb2.LogRecord.FromString(payload)
+            _apply(self._index, record)
+            self._ids.update(record.upsert_ids)
+            self._ids.difference_update(record.delete_ids)
             position += _FRAME.size + length
             count += 1
         if position < len(data):
@@ -211,15 +289,15 @@ class Inventory:
                 os.fsync(f.fileno())
         return count
 
-    def _apply(self, record):
-        if record.upsert_ids:
-            dim = record.upsert_embeddings.dim
-            vectors = np.asarray(record.upsert_embeddings.values, np.float32).reshape(len(record.upsert_ids), dim)
-            self._index.upsert(list(record.upsert_ids), vectors)
-            self._ids.update(record.upsert_ids)
-        if record.delete_ids:
-            self._index.delete(list(record.delete_ids), missing_ok=True)
-            self._ids.difference_update(record.delete_ids)
+
+def _apply(index, record):
+    """Applies a logged change to an index."""
+    if record.upsert_ids:
+        dim = record.upsert_embeddings.dim
+        vectors = np.asarray(record.upsert_embeddings.values, np.float32).reshape(len(record.upsert_ids), dim)
+        index.upsert(list(record.upsert_ids), vectors)
+    if record.delete_ids:
+        index.delete(list(record.delete_ids), missing_ok=True)
 
 
 def _check_ids(ids):

@@ -185,17 +185,27 @@ class Server:
         grace_seconds: how long `stop()` lets running requests finish.
         snapshot_every: inventory changes between two snapshots of the index.
         warmup: replay each version's warmup requests before serving it.
+        intra_op_parallelism: threads of TensorFlow's intra-op pool, which one op (a convolution)
+            splits its work over (TF Serving's `--tensorflow_intra_op_parallelism`); None leaves
+            TensorFlow's choice (a thread per core, or `TF_NUM_INTRAOP_THREADS`). A small model on
+            a few cores serves more with 1: its ops are too small to split, and concurrent requests
+            or batches already keep the cores busy. It is the process's setting: `start()` applies it
+            before loading, and refuses a value that TensorFlow, already running, does not have.
     """
 
     def __init__(self, model_dir, model_name=None, host="127.0.0.1", port=8500, batching=True, index_dir=None,
                  limits=None, num_versions=1, versions=None, poll_seconds=1.0, default_k=10, grace_seconds=10.0,
-                 snapshot_every=1000, warmup=True):
+                 snapshot_every=1000, warmup=True, intra_op_parallelism=None):
         if not os.path.isdir(model_dir):
             raise ValueError(f"`model_dir` must be a directory of integer versions. Received: model_dir={model_dir!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"`port` must be an int in [0, 65535]. Received: port={port!r}")
         if isinstance(default_k, bool) or not isinstance(default_k, int) or default_k < 1:
             raise ValueError(f"`default_k` must be a positive int. Received: default_k={default_k!r}")
+        if intra_op_parallelism is not None and (isinstance(intra_op_parallelism, bool) or
+                                                 not isinstance(intra_op_parallelism, int) or intra_op_parallelism < 1):
+            raise ValueError("`intra_op_parallelism` must be None or a positive int. "
+                             f"Received: intra_op_parallelism={intra_op_parallelism!r}")
         if batching is True:
             batching = BatchingParameters()
         elif batching is not False and not isinstance(batching, BatchingParameters):
@@ -206,6 +216,7 @@ class Server:
         self.default_k = default_k
         self.grace_seconds = grace_seconds
         self.batching = batching or None
+        self.intra_op_parallelism = intra_op_parallelism
         self._requested_port = port
         self._index_dir = index_dir
         self._snapshot_every = snapshot_every
@@ -238,6 +249,8 @@ class Server:
                 raise RuntimeError("This server was already started; build a new one.")
             self._started = True
         try:
+            if self.intra_op_parallelism is not None:
+                _set_intra_op_parallelism(self.intra_op_parallelism)
             if self._index_dir:
                 self.inventory = Inventory(self._index_dir, snapshot_every=self._snapshot_every)
             self.models.start()
@@ -396,6 +409,18 @@ class Server:
             output = "embeddings" if "embeddings" in signature.outputs else next(iter(signature.outputs))
             outputs = self._executor.run(servable, signature, {key: images}, len(images), deadline)
             return outputs[output], servable.version
+
+
+def _set_intra_op_parallelism(threads):
+    import tensorflow as tf
+
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        raise ValueError(f"`intra_op_parallelism` must be set before TensorFlow runs anything in this process, "
+                         f"which already runs with {current or 'its default'}. "
+                         f"Received: intra_op_parallelism={threads}") from None
 
 
 def serve(model_dir, model_name=None, host="127.0.0.1", port=8500, batching=True, index_dir=None, **kwargs):

@@ -15,7 +15,7 @@ from fgkeras.export.saved_model import (
     RetrievalModule,
     decode_batch,
     graph_op_types,
-    scann_settings_for,
+    scann_text_config,
     uses_scann_ops,
 )
 from fgkeras.index import ExactIndex
@@ -178,17 +178,34 @@ def test_retrieval_refuses_an_unknown_flavour(embedder, gallery, tmp_path):
         export_retrieval(embedder, gallery, str(tmp_path / "bad"), SIZE, flavour="faiss")
 
 
-def test_scann_settings_follow_the_gallery_size():
-    assert scann_settings_for(np.zeros((19_999, 2), np.float32)) == {"mode": "brute_force"}
-    assert scann_settings_for(np.zeros((20_000, 2), np.float32))["mode"] == "ah"
+def test_scann_settings_are_the_scann_index_settings():
+    pytest.importorskip("scann")
+    from scann.scann_ops.py import scann_ops
+
+    from fgkeras.index import ScannIndex
+
+    def index_config(embeddings, k, settings):
+        return ScannIndex().configure(scann_ops.builder(embeddings, k, "dot_product"), settings).create_config()
+
     unit = np.tile(np.eye(2, dtype=np.float32), (50_000, 1))
-    tree = scann_settings_for(unit)
-    assert tree["mode"] == "tree" and tree["num_leaves"] == 316 and tree["num_leaves_to_search"] == 32
-    assert tree["spherical"] is True and scann_settings_for(2 * unit)["spherical"] is False
+    for embeddings, unit_norm, mode in ((np.zeros((19_999, 2), np.float32), False, "brute_force {"),
+                                        (np.zeros((20_000, 2), np.float32), False, "asymmetric_hash {"),
+                                        (unit, True, "partitioning_type: SPHERICAL"),
+                                        (2 * unit, False, "partitioning_type: GENERIC")):
+        settings = ScannIndex().settings_for(len(embeddings), unit_norm=unit_norm)
+        text = scann_text_config(embeddings, 10)
+        assert text == index_config(embeddings, 10, settings) and mode in text
+    # Given settings are used as they are, but reorder at least the k neighbours returned.
+    settings = ScannIndex(mode="ah", reorder=40).settings_for(20_000)
+    text = scann_text_config(unit[:20_000], 10, settings)
+    assert text == index_config(unit[:20_000], 10, settings) and "approx_num_neighbors: 40" in text
+    assert "approx_num_neighbors: 64" in scann_text_config(unit[:20_000], 64, settings)
 
 
 def test_scann_flavour_uses_the_scann_index_settings_and_reloads(embedder, decoded, encoded, tmp_path):
     pytest.importorskip("scann")
+    from scann.scann_ops.py import scann_ops
+
     from fgkeras.index import ScannIndex
 
     rng = np.random.default_rng(1)
@@ -198,6 +215,8 @@ def test_scann_flavour_uses_the_scann_index_settings_and_reloads(embedder, decod
     index = ScannIndex(mode="ah", reorder=100)
     index.build(gallery, [f"sku-{i}" for i in range(len(gallery))])
     assert index.config["mode"] == "ah"
+    assert scann_text_config(index.embeddings, 5, index.config) == index.configure(
+        scann_ops.builder(index.embeddings, 5, "dot_product")).create_config()
     path = export_retrieval(embedder, index, str(tmp_path / "scann_ah"), SIZE, k=5, flavour="scann")
     assert signature_summary(path)["search"]["outputs"]["ids"] == {"dtype": "string", "shape": [-1, 5]}
     assert uses_scann_ops(path)

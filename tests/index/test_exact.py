@@ -1,6 +1,10 @@
+import concurrent.futures
+
 import numpy as np
 import pytest
+import threadpoolctl
 
+import fgkeras.index.exact as exact
 from fgkeras.index import ExactIndex, exact_search
 
 
@@ -16,13 +20,17 @@ def reference_top_k(gallery, queries, k):
     return order, np.take_along_axis(scores, order, axis=1)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n, k, num_queries", [
-    (1, 1, 3), (31, 5, 2), (100, 100, 4), (1000, 10, 1), (5000, 10, 300), (9000, 64, 130), (9000, 700, 7),
+    (1, 1, 3), (31, 5, 2), (100, 100, 4), (100, 5, 0), (1000, 10, 1), (5000, 10, 300), (9000, 64, 130),
+    (9001, 10, 70), (9000, 700, 7),
 ])
-def test_exact_search_matches_a_full_sort(rng, n, k, num_queries):
+def test_exact_search_matches_a_full_sort(rng, monkeypatch, n, k, num_queries, threads):
     gallery, queries = unit(rng, n), unit(rng, num_queries)
-    # Small blocks so that several gallery chunks and query blocks, and the merges, are exercised.
-    rows, scores = exact_search(gallery, queries, k, query_block=64, gallery_chunk=1024)
+    # Small blocks and tasks so that several gallery blocks, ranges and query blocks, and the merges,
+    # are exercised (in parallel for threads > 1).
+    monkeypatch.setattr(exact, "MIN_TASK", 1)
+    rows, scores = exact_search(gallery, queries, k, threads=threads, query_block=64, score_block=64 * 1024)
     expected_rows, expected_scores = reference_top_k(gallery, queries, k)
     assert rows.shape == scores.shape == (num_queries, k)
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
@@ -32,7 +40,7 @@ def test_exact_search_matches_a_full_sort(rng, n, k, num_queries):
 def test_exact_search_when_the_best_come_last(rng):
     # Every chunk beats the previous one: the worst case of the threshold filter.
     gallery = np.repeat(np.linspace(-1, 1, 6000, dtype=np.float32)[:, None], 4, axis=1)
-    rows, _ = exact_search(gallery, np.ones((3, 4), np.float32), 10, gallery_chunk=512)
+    rows, _ = exact_search(gallery, np.ones((3, 4), np.float32), 10, score_block=3 * 512)
     np.testing.assert_array_equal(rows, np.tile(np.arange(5999, 5989, -1), (3, 1)))
 
 
@@ -43,9 +51,67 @@ def test_exact_search_finds_a_late_item_just_above_the_running_threshold():
     gallery[:1024, 0] = np.linspace(0, 0.5, 1024)
     tenth_best = gallery[1024 - 10, 0]
     gallery[2500, 0] = tenth_best + 1e-4
-    rows, scores = exact_search(gallery, np.eye(8, dtype=np.float32), 10, gallery_chunk=1024)
+    rows, scores = exact_search(gallery, np.eye(8, dtype=np.float32), 10, score_block=8 * 1024)
     assert 2500 in rows[0]
     np.testing.assert_allclose(scores[0], np.sort(gallery[:, 0])[::-1][:10])
+
+
+def blas_threads():
+    return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+
+
+def record_blas_threads(monkeypatch):
+    """Small tasks, each recording the BLAS thread counts it runs with."""
+    seen = []
+    scan = exact._scan
+    monkeypatch.setattr(exact, "_scan", lambda *args: (seen.append(blas_threads()), scan(*args))[1])
+    monkeypatch.setattr(exact, "MIN_TASK", 1)
+    return seen
+
+
+def test_scans_run_with_the_blas_threads_of_their_kind_which_are_restored_after(rng, monkeypatch):
+    gallery, queries = unit(rng, 4000), unit(rng, 50)
+    seen = record_blas_threads(monkeypatch)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        rows, _ = exact_search(gallery, queries, 5, threads=2)
+        assert blas_threads() == [2] * len(blas_threads())
+    assert len(seen) > 1 and all(threads == [1] * len(threads) for threads in seen)
+    np.testing.assert_array_equal(rows, reference_top_k(gallery, queries, 5)[0])
+    # Fewer queries than ROW_READ: one scan, BLAS's own threads split the products.
+    seen.clear()
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        rows, _ = exact_search(gallery, queries[:3], 5, threads=2)
+        assert blas_threads() == [1] * len(blas_threads())
+    assert len(seen) == 1 and seen[0] == [2] * len(seen[0])
+    np.testing.assert_array_equal(rows, reference_top_k(gallery, queries[:3], 5)[0])
+
+
+def test_concurrent_searches_are_exact_and_restore_the_blas_threads(rng, monkeypatch):
+    gallery = unit(rng, 6000)
+    batches = [unit(rng, 40) for _ in range(8)]
+    before = blas_threads()
+    seen = record_blas_threads(monkeypatch)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda queries: exact_search(gallery, queries, 7, threads=2), batches))
+    for (rows, _), queries in zip(found, batches):
+        np.testing.assert_array_equal(rows, reference_top_k(gallery, queries, 7)[0])
+    assert len(seen) > len(batches) and all(threads == [1] * len(threads) for threads in seen)
+    assert blas_threads() == before
+
+
+def test_threads_setting_is_checked_and_gives_the_same_results(rng, monkeypatch):
+    gallery, queries = unit(rng, 3000), unit(rng, 30)
+    ids = [f"g{i}" for i in range(3000)]
+    monkeypatch.setattr(exact, "MIN_TASK", 1)
+    one = ExactIndex(threads=1).build(gallery, ids)
+    three = ExactIndex(threads=3).build(gallery, ids)
+    np.testing.assert_array_equal(three.search(queries, k=9)[0], one.search(queries, k=9)[0])
+    np.testing.assert_array_equal(three.search(queries[0], k=9)[0], one.search(queries[0], k=9)[0])
+    with pytest.raises(ValueError, match="`threads` must be a positive int or None"):
+        ExactIndex(threads=0)
+    with pytest.raises(ValueError, match="`threads` must be a positive int or None"):
+        one.threads = 1.5
+    assert one.threads == 1
 
 
 def test_search_returns_ids_and_float32_scores_best_first(rng):

@@ -14,7 +14,7 @@ def unit(x):
 
 
 KINDS = {
-    "exact": lambda: ExactIndex(),
+    "exact": lambda: ExactIndex(threads=1),
     "scann_brute_force": lambda: ScannIndex(),
     "scann_tree": lambda: ScannIndex(mode="tree", num_leaves=20),
 }
@@ -48,6 +48,7 @@ def test_round_trip_gives_equal_results(built, tmp_path):
     index.save(tmp_path / "ix")
     loaded = Index.load(tmp_path / "ix")
     assert type(loaded) is type(index) and len(loaded) == len(index) == 1501
+    assert loaded.threads == index.threads
     np.testing.assert_array_equal(loaded.ids, index.ids)
     np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
     for k in (1, 10):

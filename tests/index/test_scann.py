@@ -1,7 +1,10 @@
+import statistics
+
 import numpy as np
 import pytest
 
 from fgkeras.index import ExactIndex, ScannIndex, default_mode, recall_at_k
+from fgkeras.index.base import recall_per_query
 
 
 def unit(x):
@@ -128,6 +131,38 @@ def test_tune_reaches_the_target_and_applies_it(gallery):
     found, _ = index.search(queries, k=10)
     expected, _ = ExactIndex().build(vectors, ids).search(queries, k=10)
     assert recall_at_k(found, expected) == pytest.approx(report["recall"])
+
+
+def test_tuned_setting_holds_on_held_out_queries():
+    # 200 overlapping clusters, gallery and queries drawn alike: recall grows slowly with the leaves
+    # searched. On this set, the settings whose mean over the 100 tuning queries just reaches 0.9
+    # measured 0.88 to 0.92 on the held-out queries (a third of the runs below 0.9); with the lower
+    # confidence bound at 0.99, 0.92 to 0.94 (at 0.95: 0.897 to 0.94).
+    points = clustered(np.random.default_rng(2), 10_100, clusters=200, spread=0.8)
+    vectors, tuning, held_out = points[:8000], points[8000:8100], points[8100:]
+    ids = [f"sku-{i}" for i in range(8000)]
+    exact = ExactIndex().build(vectors, ids)
+    index = ScannIndex(mode="tree", num_leaves=100, num_leaves_to_search=100, training_threads=1)
+    report = index.build(vectors, ids).tune(tuning, target_recall=0.9, k=10)
+    recalls = recall_per_query(index.search(tuning, k=10)[0], exact.search(tuning, k=10)[0])
+    z = statistics.NormalDist().inv_cdf(0.99)
+    assert report["recall"] == pytest.approx(recalls.mean())
+    assert report["recall_bound"] == pytest.approx(recalls.mean() - z * recalls.std(ddof=1) / 10)
+    assert report["reached"] and report["recall_bound"] >= 0.9 and report["confidence"] == 0.99
+    # A setting whose mean reaches the target but whose bound does not is never chosen.
+    assert all(t["recall_bound"] >= 0.9 for t in report["trials"]
+               if (t["reorder"], t["num_leaves_to_search"]) == tuple(report["chosen"].values()))
+    assert recall_at_k(index.search(held_out, k=10)[0], exact.search(held_out, k=10)[0]) >= 0.9
+
+
+def test_tune_with_confidence_one_half_compares_the_mean(gallery):
+    vectors, ids, queries = gallery
+    index = ScannIndex(mode="tree", num_leaves=40).build(vectors, ids)
+    report = index.tune(queries, target_recall=0.9, confidence=0.5)
+    assert all(t["recall_bound"] == pytest.approx(t["recall"]) for t in report["trials"])
+    for confidence in (0.4, 1.0):
+        with pytest.raises(ValueError, match="`confidence` must be in"):
+            index.tune(queries, confidence=confidence)
 
 
 def test_spherical_tree_needs_unit_vectors(gallery, rng):

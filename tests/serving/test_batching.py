@@ -107,6 +107,21 @@ def test_a_leader_whose_task_is_done_hands_its_turn_to_a_waiting_task():
     assert runner.batches == [1, 1, 1]
 
 
+def test_by_default_tasks_queued_while_a_batch_runs_make_the_next_batch():
+    scheduler = BatchScheduler()  # one batch thread, no timeout
+    runner = Recorder(block=True)
+    with futures.ThreadPoolExecutor(6) as pool:
+        first = pool.submit(scheduler.run, "k", runner, 1, 1)
+        assert runner.started.wait(10)
+        queued = [pool.submit(scheduler.run, "k", runner, p, 1) for p in (2, 3, 4, 5)]
+        deadline = time.monotonic() + 10  # a second batch thread would have taken some of them already
+        while scheduler._queued < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        runner.release.set()
+        assert first.result(20) == 2 and [q.result(20) for q in queued] == [4, 6, 8, 10]
+    assert runner.batches == [1, 4]
+
+
 def test_close_fails_queued_tasks_with_unavailable():
     scheduler = BatchScheduler(BatchingParameters(num_batch_threads=1))
     runner = Recorder(block=True)

@@ -1,10 +1,12 @@
 import os
+import threading
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 
-from fgkeras.index import Index
+from fgkeras.index import Index, ScannIndex
 from fgkeras.serving import Inventory, ServingError
 
 
@@ -122,3 +124,66 @@ def test_a_directory_that_is_not_an_index_is_refused(tmp_path):
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"...")
     with pytest.raises(ValueError, match="not an index directory"):
         Inventory(tmp_path / "photos")
+
+
+class _HeldRetraining:
+    """Holds `ScannIndex.retrained` (the background retraining) until released."""
+
+    def __init__(self, monkeypatch):
+        self.started, self.release = threading.Event(), threading.Event()
+        original = ScannIndex.retrained
+
+        def held(index, embeddings, ids):
+            self.started.set()
+            assert self.release.wait(60)
+            return original(index, embeddings, ids)
+
+        monkeypatch.setattr(ScannIndex, "retrained", held)
+
+
+def _scann_inventory(tmp_path, count=20):
+    index = ScannIndex(rebalance_fraction=0.5, calibration_recall=None, progress=False)
+    index.build(_vectors(count), [f"g{i}" for i in range(count)])
+    index.save(tmp_path / "gallery")
+    return Inventory(tmp_path / "gallery")
+
+
+def test_a_scann_retraining_runs_beside_searches_and_keeps_the_changes_made_meanwhile(tmp_path, monkeypatch):
+    held = _HeldRetraining(monkeypatch)
+    inventory = _scann_inventory(tmp_path)
+    serving = inventory._index
+    assert inventory.upsert([f"n{i}" for i in range(11)], _vectors(11, seed=1))[2] == 31  # 11 > 0.5 x 20: due
+    assert held.started.wait(30)
+    with futures.ThreadPoolExecutor(2) as pool:  # answered while the retraining is held
+        ids, _ = pool.submit(inventory.search, _vectors(11, seed=1)[3:4], 1).result(timeout=30)
+        assert ids[0, 0] == "n3"
+        assert pool.submit(inventory.upsert, ["late"], _vectors(1, seed=2)).result(timeout=30) == (1, 0, 32)
+        assert pool.submit(inventory.delete, ["g0", "n0"]).result(timeout=30) == (2, 30)
+    assert inventory._index is serving
+    held.release.set()
+    assert inventory.wait_for_retraining(60)
+    assert inventory._index is not serving and inventory._index.config["trained_size"] == 31
+    expected = sorted([f"g{i}" for i in range(1, 20)] + [f"n{i}" for i in range(1, 11)] + ["late"])
+    assert _contents(inventory) == expected
+    ids, scores = inventory.search(_vectors(1, seed=2), k=1)
+    assert ids[0, 0] == "late" and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    inventory.upsert(["after"], _vectors(1, seed=3))  # the swapped-in index takes changes too
+    assert not inventory._index.auto_rebalance and "after" in _contents(inventory)
+    restarted = Inventory(tmp_path / "gallery")  # a crash now: the log still holds every change
+    assert _contents(restarted) == sorted(expected + ["after"])
+
+
+def test_close_during_a_retraining_drops_it_and_snapshots_every_change(tmp_path, monkeypatch):
+    held = _HeldRetraining(monkeypatch)
+    inventory = _scann_inventory(tmp_path)
+    serving = inventory._index
+    inventory.upsert([f"n{i}" for i in range(11)], _vectors(11, seed=1))
+    assert held.started.wait(30)
+    inventory.delete(["g5"])
+    with futures.ThreadPoolExecutor(1) as pool:
+        closing = pool.submit(inventory.close)
+        held.release.set()
+        closing.result(timeout=60)
+    assert inventory._index is serving and os.path.getsize(inventory.log_path) == 0
+    saved = Index.load(tmp_path / "gallery")
+    assert sorted(saved.ids.tolist()) == sorted([f"g{i}" for i in range(20) if i != 5] + [f"n{i}" for i in range(11)])

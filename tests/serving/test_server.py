@@ -295,6 +295,19 @@ def test_a_port_in_use_and_a_model_dir_without_versions_are_refused(kit, model_r
             pass
 
 
+def test_intra_op_parallelism_is_validated_and_refused_once_tensorflow_runs_otherwise(kit, model_root):
+    from fgkeras.serving import Server
+
+    for bad in (0, True, "2"):
+        with pytest.raises(ValueError, match="intra_op_parallelism"):
+            Server(model_root, intra_op_parallelism=bad)
+    tf.constant(0.0) + 1.0  # TensorFlow runs in this process, with its default
+    other = tf.config.threading.get_intra_op_parallelism_threads() + 3
+    with pytest.raises(ValueError, match="before TensorFlow runs"):
+        with kit.running(model_root, intra_op_parallelism=other):
+            pass
+
+
 def test_serves_a_real_fgkeras_export_with_its_warmup_and_model_card(kit, tmp_path):
     from fgkeras.export import export_and_push
     from fgkeras.models import build_embedder

@@ -17,8 +17,10 @@ SERVER = """
 import logging, sys
 logging.basicConfig(level=logging.INFO)
 from fgkeras.serving import BatchingParameters, serve
-server = serve(sys.argv[1], port=0, index_dir=sys.argv[2], grace_seconds=20,
+server = serve(sys.argv[1], port=0, index_dir=sys.argv[2], grace_seconds=20, intra_op_parallelism=1,
                batching=BatchingParameters(batch_timeout_micros=int(sys.argv[3])))
+import tensorflow as tf
+print("INTRA-OP THREADS", tf.config.threading.get_intra_op_parallelism_threads(), flush=True)
 print("PORT", server.port, flush=True)
 server.wait()
 print("EXITED CLEANLY", flush=True)
@@ -79,6 +81,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(kit, model_root, tmp_pat
             thread.join(30)
         code, output = server.finish()
         assert code == 0 and "EXITED CLEANLY" in output, output
+        assert "INTRA-OP THREADS 1" in output
         assert [o for _, o in outcomes] == ["OK"] * 6
         assert all(started < signalled for started, _ in outcomes)
         with pytest.raises(grpc.RpcError) as error:
