@@ -35,6 +35,7 @@ ABLATIONS = {
     "HTG+KPM (default)": ["train.method=htg", "model.kpm=true"],
     "HTG+KPM, constant lr": ["train.method=htg", "model.kpm=true", "train.decay_epochs=1000"],
     "HTG+KPM on P4,P5 (the paper's blocks 3, 4)": ["train.method=htg", "model.kpm=true", "model.kpm_levels=P4,P5"],
+    "HTG+KPM, longer game (warm-up 6 of 20 epochs)": ["train.method=htg", "model.kpm=true", "train.warmup_epochs=6"],
 }
 
 
@@ -70,9 +71,15 @@ def main():
     parser = comparison_parser(__doc__)
     parser.add_argument("--skip-step-time", action="store_true")
     parser.add_argument("--ablations", action="store_true", help="run ABLATIONS instead of the methods")
+    parser.add_argument("--only", action="append", metavar="LABEL", help="run only these variants")
     args = parser.parse_args()
 
     variants, prefix = (ABLATIONS, "htg_ablations") if args.ablations else (VARIANTS, "htg")
+    if args.only:
+        unknown = set(args.only) - set(variants)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(variants)}")
+        variants = {label: variants[label] for label in args.only}
     for slug, name, config in configured_datasets(args):
         rows = _common.compare_variants(config, variants, range(args.seeds), METRICS)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
