@@ -8,7 +8,7 @@ visible to the next search at once, no buffer or tombstone needed. The partition
 only trained at build time, so after many mutations the index is retrained (`rebalance`) from its
 current contents: automatically once the mutations since the last training exceed
 `rebalance_fraction` of the size trained on, with the auto-configuration re-derived from the new size
-(a gallery that grew from 5k to 500k moves from brute force to a tree).
+(a gallery that grew from 5k to 500k moves from brute force to a tree; what `tune()` chose is kept).
 
 Saving writes ScaNN's own assets (`searcher.serialize`: protobufs and .npy arrays) under `scann/`,
 never the pickle of doc ids that the pybind wrapper adds; ids live in our `ids.json`. Loading checks
@@ -44,9 +44,16 @@ ASSETS_DIR = "scann"
 AH_TRAINING_SAMPLE = 32_000
 # Gallery points used as queries by the calibration of the search-time settings.
 CALIBRATION_QUERIES = 300
+# Candidates reordered that the calibration and `tune` try, besides k, 2k, 3k and 4k.
+REORDER_LADDER = (50, 70, 100, 150, 200, 300, 400, 800)
 
 
 DEFAULT_REORDER = 250
+# Tree sizes `tune` tries by default, in multiples of the sqrt(N) leaves of the auto-configuration,
+# and the points a leaf must hold on average for a size to be tried (its k-means centre is then
+# trained on at least that many points).
+TUNE_LEAF_FACTORS = (1, 2, 4)
+TUNE_MIN_LEAF_SIZE = 100
 
 
 def default_mode(num_points):
@@ -54,6 +61,14 @@ def default_mode(num_points):
     if num_points < BRUTE_FORCE_BELOW:
         return "brute_force"
     return "ah" if num_points < TREE_FROM else "tree"
+
+
+def tune_tree_sizes(num_points):
+    """The numbers of leaves `ScannIndex.tune` tries by default on `num_points` points: 1, 2 and 4
+    times sqrt(N), those whose leaves hold at least 100 points on average (1M: 1000, 2000, 4000)."""
+    root = round(math.sqrt(num_points))
+    return [factor * root for factor in TUNE_LEAF_FACTORS
+            if root and num_points >= TUNE_MIN_LEAF_SIZE * factor * root]
 
 
 class ScannIndex(Index, kind="scann"):
@@ -65,9 +80,9 @@ class ScannIndex(Index, kind="scann"):
     reordering. The search-time settings (leaves searched, candidates reordered) are then
     *calibrated* at build time: the fastest setting whose Recall@10 reaches `calibration_recall`
     on 300 gallery points used as queries (their own match left out). Queries unlike the gallery
-    may get less: `tune()` with real queries does the same on them. Every setting can be forced;
-    `config` tells what is in use (and `settings_for(n)` the rules before calibration: 10 % of
-    the leaves, 250 reordered).
+    may get less: `tune()` with real queries does the same on them, and retrains the tree at other
+    sizes to find a faster one. Every setting can be forced; `config` tells what is in use (and
+    `settings_for(n)` the rules before calibration: 10 % of the leaves, 250 reordered).
 
     Args:
         mode: None (from N), "brute_force", "ah" or "tree".
@@ -152,18 +167,23 @@ class ScannIndex(Index, kind="scann"):
         before the calibration of the search-time settings."""
         return self._resolve(num_points, spherical=unit_norm)
 
-    def _resolve(self, num_points, spherical=None):
+    def _resolve(self, num_points, spherical=None, num_leaves=None):
+        """The settings for `num_points` points: `tune()`'s choices first, then the constructor's,
+        then the rules. `num_leaves` forces the tree size (a candidate of `tune`)."""
         options = self._options
         mode = options["mode"] or default_mode(num_points)
         settings = {"mode": mode, "dims_per_block": options["dims_per_block"],
                     "anisotropic_quantization_threshold": options["anisotropic_quantization_threshold"]}
-        if mode != "brute_force":
-            settings["reorder"] = options["reorder"] or self._tuned.get("reorder") or DEFAULT_REORDER
+        leaves = None
         if mode == "tree":
-            leaves = options["num_leaves"] or round(math.sqrt(num_points))
+            leaves = (num_leaves or self._tuned.get("num_leaves") or options["num_leaves"]
+                      or round(math.sqrt(num_points)))
             leaves = max(2, min(leaves, num_points // 2))
-            tuned = self._tuned.get("num_leaves_to_search") if self._tuned.get("num_leaves") == leaves else None
-            searched = options["num_leaves_to_search"] or tuned or math.ceil(leaves / 10)
+        tuned = self._tuned_search(leaves)
+        if mode != "brute_force":
+            settings["reorder"] = tuned.get("reorder") or options["reorder"] or DEFAULT_REORDER
+        if mode == "tree":
+            searched = tuned.get("num_leaves_to_search") or options["num_leaves_to_search"] or math.ceil(leaves / 10)
             settings.update(
                 num_leaves=leaves,
                 num_leaves_to_search=max(1, min(leaves, searched)),
@@ -172,6 +192,15 @@ class ScannIndex(Index, kind="scann"):
                 spherical=options["spherical"] if options["spherical"] is not None else bool(spherical),
             )
         return settings
+
+    def _tuned_search(self, num_leaves):
+        """The search-time settings `tune()` chose that apply to a tree of `num_leaves` (None: no
+        tree): the reordering always, the leaves searched only on a tree of the size tuned."""
+        tuned = {key: self._tuned[key] for key in ("reorder",) if key in self._tuned}
+        searched = self._tuned.get("num_leaves_to_search")
+        if num_leaves is not None and num_leaves == self._tuned.get("num_leaves") and searched is not None:
+            tuned["num_leaves_to_search"] = searched
+        return tuned
 
     def configure(self, builder, settings=None):
         """Applies ScaNN settings to a ScaNN builder and returns it.
@@ -217,22 +246,30 @@ class ScannIndex(Index, kind="scann"):
         self._build_searcher()
 
     def _build_searcher(self):
-        from scann.scann_ops.py import scann_ops_pybind
-
         num_points = len(self)
         self._mutations = 0
         self._trained_size = num_points
         if num_points == 0:
             self._searcher, self._settings = None, self._resolve(0)
             return
-        vectors = self._storage.vectors
-        unit = _unit_norm(vectors)
+        unit = _unit_norm(self._storage.vectors)
         settings = self._resolve(num_points, spherical=unit)
         if settings.get("spherical") and not unit:
             raise ValueError(
                 "`spherical=True` needs L2-normalised vectors (ScaNN normalises what a spherical tree "
                 "stores); these are not. L2-normalise them or use spherical=False."
             )
+        self._searcher, self._settings = self._train(settings), settings
+        self._on_threads()
+        if self.calibration_recall is not None:
+            self._calibrate()
+
+    def _train(self, settings):
+        """A new ScaNN searcher of `settings` over the stored vectors (which it may reorder)."""
+        from scann.scann_ops.py import scann_ops_pybind
+
+        num_points = len(self)
+        vectors = self._storage.vectors
         sample = settings.get("training_sample_size", num_points) if settings["mode"] != "brute_force" else num_points
         if sample < num_points:
             # Train on a random sample (what ScaNN's own sampling does), then add the rest in chunks
@@ -249,10 +286,7 @@ class ScannIndex(Index, kind="scann"):
             searcher.reserve(num_points)
             _upsert_chunks(searcher, [None] * (num_points - sample), vectors[sample:],
                            progress=self.progress, description="indexing")
-        self._searcher, self._settings = searcher, settings
-        self._on_threads()
-        if self.calibration_recall is not None:
-            self._calibrate()
+        return searcher
 
     def _on_threads(self):
         if self._searcher is not None:
@@ -323,9 +357,10 @@ class ScannIndex(Index, kind="scann"):
     def rebalance(self):
         """Retrains the partitioning and codebooks on the current contents.
 
-        The auto-configuration is re-derived from the current size: when it is unchanged, ScaNN's
-        own `rebalance` retrains in place; otherwise (e.g. a brute-force index grew past 20k) the
-        searcher is rebuilt with the new settings.
+        The auto-configuration is re-derived from the current size (a tree size and search settings
+        chosen by `tune()` are kept): when it is unchanged, ScaNN's own `rebalance` retrains in
+        place; otherwise (e.g. a brute-force index grew past 20k) the searcher is rebuilt with the
+        new settings.
         """
         if self._searcher is None or len(self) == 0:
             self._build_searcher()
@@ -371,8 +406,8 @@ class ScannIndex(Index, kind="scann"):
         rows[missing], scores[missing] = exact_rows, exact_scores
         return rows, scores
 
-    def tune(self, queries, target_recall=0.95, k=10, repeats=2, confidence=0.99):
-        """Picks the fastest search-time setting reaching `target_recall` Recall@k, and applies it.
+    def tune(self, queries, target_recall=0.95, k=10, repeats=2, confidence=0.99, num_leaves=None):
+        """Picks the fastest setting reaching `target_recall` Recall@k, and applies it.
 
         Recall@k = mean over `queries` of |approximate top k ∩ exact top k| / k, the exact top k
         from `exact_search`. A setting *reaches* the target when a lower confidence bound of its
@@ -384,18 +419,37 @@ class ScannIndex(Index, kind="scann"):
         which favours one whose recall on these queries is high by chance (at 0.95, one run in
         about twenty of the tests' set fell below the target on held-out queries).
 
-        Tried: `reorder` on a ladder from k, and for each the fewest `num_leaves_to_search`
-        (bisection; recall grows with it) that reach the target; the fastest of those (batched
-        throughput over `queries` with the index's threads, best of `repeats`) is applied, and kept
-        by later rebalances while the tree keeps its number of leaves. If nothing reaches the
-        target, the setting of highest recall is applied.
+        Tried on a tree: each size of `num_leaves`, the partitioning retrained for each but the
+        current one (a rebuild each: about a minute per size at 1M points, under a progress bar,
+        each size's result logged). On each tree, `reorder` on a ladder from k, and for each the
+        fewest `num_leaves_to_search` (bisection; recall grows with it) that reach the target; the
+        fastest of those (batched throughput over `queries` with the index's threads, best of
+        `repeats`). Each tree's fastest setting is then timed in turns with the best tree's so
+        far, and the faster kept. Without a tree, the ladder of `reorder` alone.
+
+        The choice (tree size, leaves searched, reordering) overrides the constructor's settings
+        and is kept by save / load and later rebalances: the tree keeps its size until the next
+        `tune` or a change of mode, so re-run it after the gallery changed size a lot. If nothing
+        reaches the target, the setting of highest recall is applied.
 
         Args:
+            queries: (Q, D) queries like the real ones (hundreds to a few thousand).
+            target_recall: in (0, 1].
+            k: the k of Recall@k.
+            repeats: timings of each setting, the best kept.
             confidence: in [0.5, 1): the confidence of the bound; 0.5 compares the mean itself.
+            num_leaves: tree sizes to try (a tree index only). None: the current tree and the sizes
+                of `tune_tree_sizes(N)` (1, 2 and 4 × √N leaves, those of 100 points or more on
+                average; 1M: 1000, 2000, 4000), or only the current tree when the constructor set
+                `num_leaves`. An int or a list of ints: those sizes only, so
+                `num_leaves=index.config["num_leaves"]` keeps the tree and retrains nothing.
         Returns:
             a report: `target_recall`, `confidence`, `k`, `reached`, `chosen` (the settings
-            applied), `recall` (the mean over `queries`), `recall_bound` and `qps` of the choice,
-            `before` (the same for the settings before) and `trials`.
+            applied, with `num_leaves` on a tree), `recall` (the mean over `queries`),
+            `recall_bound` and `qps` of the choice, `before` (the same for the settings before),
+            `trials` and, on a tree, `trees`: per size tried, its fastest setting reaching the
+            target (else its best), `recall`, `recall_bound`, `qps`, `reached` and `build_seconds`
+            (0 for the tree in place).
         """
         if self._searcher is None:
             raise ValueError("`tune` needs a non-empty index: build it first.")
@@ -404,10 +458,14 @@ class ScannIndex(Index, kind="scann"):
         if not 0.5 <= confidence < 1:
             raise ValueError(f"`confidence` must be in [0.5, 1). Received: confidence={confidence!r}")
         queries = _check_matrix(queries, "queries", dim=self.dim, allow_vector=True)
+        sizes = self._tree_sizes(num_leaves)
         k = min(int(k), len(self))
         exact_rows, _ = exact_search(self._storage.vectors, queries, k, threads=self.threads)
-        report = self._choose(queries, exact_rows, k, target_recall, repeats, exclude=None, fixed={},
-                              z=statistics.NormalDist().inv_cdf(confidence))
+        z = statistics.NormalDist().inv_cdf(confidence)
+        if sizes:
+            report = self._choose_tree(queries, self._storage.ids[exact_rows], k, target_recall, repeats, z, sizes)
+        else:
+            report = self._choose(queries, exact_rows, k, target_recall, repeats, exclude=None, fixed={}, z=z)
         report["confidence"] = confidence
         if self._settings["mode"] != "brute_force":
             self._tuned = {key: report["chosen"][key] for key in ("reorder", "num_leaves_to_search")
@@ -415,12 +473,122 @@ class ScannIndex(Index, kind="scann"):
             self._tuned["num_leaves"] = self._settings.get("num_leaves")
         return report
 
+    def _tree_sizes(self, num_leaves):
+        """The tree sizes `tune` tries (after the bounds of `_resolve`), the current one first when
+        it is among them; [] without a tree."""
+        settings = self._settings
+        if settings["mode"] != "tree":
+            if num_leaves is not None:
+                raise ValueError(f"`num_leaves` needs a tree index; this one is {settings['mode']!r}. "
+                                 f"Received: num_leaves={num_leaves!r}")
+            return []
+        current = settings["num_leaves"]
+        if num_leaves is None:
+            sizes = [current] + ([] if self._options["num_leaves"] else tune_tree_sizes(len(self)))
+        else:
+            sizes = [num_leaves] if _is_positive_int(num_leaves) else list(num_leaves) \
+                if isinstance(num_leaves, (list, tuple)) else []
+            if not sizes or not all(_is_positive_int(n) for n in sizes):
+                raise ValueError("`num_leaves` must be None, a positive int or a non-empty list of them. "
+                                 f"Received: num_leaves={num_leaves!r}")
+        sizes = {self._resolve(len(self), spherical=settings["spherical"], num_leaves=int(n))["num_leaves"]
+                 for n in sizes}
+        return sorted(sizes, key=lambda n: (n != current, n))
+
+    def _choose_tree(self, queries, exact_ids, k, target_recall, repeats, z, sizes):
+        """`_choose` on a tree of each of `sizes` leaves in turn (retrained for each but the one in
+        place), keeping the tree and setting that reach the target fastest."""
+        initial = self._state()
+        best, trees, trials, before = None, [], [], None
+        if sizes[0] != initial["settings"]["num_leaves"]:  # the settings in place, measured alone
+            fixed = {key: initial["settings"][key] for key in ("reorder", "num_leaves_to_search")}
+            before = self._choose(queries, self._rows_of(exact_ids), k, target_recall, repeats, exclude=None,
+                                  fixed=fixed, z=z)["before"]
+        try:
+            with tqdm(sizes, desc="tuning tree sizes", unit="tree", disable=not self.progress or len(sizes) < 2) as bar:
+                for leaves in bar:
+                    tried = self._try_tree(leaves, initial, queries, exact_ids, k, target_recall, repeats, z)
+                    trees.append(tried["tree"])
+                    trials += tried["report"]["trials"]
+                    before = before or tried["report"]["before"]
+                    best = tried if best is None else self._faster(best, tried, queries, k, repeats)
+                    tried = None  # only `initial` and `best` keep a searcher alive while the next trains
+                    bar.set_postfix(best=best["tree"]["num_leaves"])
+        except BaseException:
+            self._set_state(initial)
+            raise
+        self._set_state(best)
+        return {**best["report"], "qps": best["tree"]["qps"], "before": before, "trials": trials, "trees": trees}
+
+    def _try_tree(self, leaves, initial, queries, exact_ids, k, target_recall, repeats, z):
+        """Puts a tree of `leaves` leaves in place (the initial one, or a new one trained) and
+        applies its fastest setting: the state of the index, the report of `_choose` and a summary."""
+        rebuilt = leaves != initial["settings"]["num_leaves"]
+        start = time.perf_counter()
+        if rebuilt:
+            settings = self._resolve(len(self), spherical=initial["settings"]["spherical"], num_leaves=leaves)
+            self._searcher = None  # the last tree tried, unless it is the best, is freed before this one trains
+            self._searcher, self._settings = self._train(settings), settings
+            self._trained_size, self._mutations, self._calibration = len(self), 0, None
+            self._on_threads()
+        else:
+            self._set_state(initial)
+        built = time.perf_counter() - start if rebuilt else 0.0
+        report = self._choose(queries, self._rows_of(exact_ids), k, target_recall, repeats, exclude=None,
+                              fixed={}, z=z)
+        tree = {**report["chosen"], **{key: report[key] for key in ("recall", "recall_bound", "qps", "reached")},
+                "build_seconds": built}
+        logger.info("tree of %d leaves (trained in %.0f s): search %d, reorder %d, Recall@%d %.3f (bound %.3f), "
+                    "%.0f QPS", leaves, built, tree["num_leaves_to_search"], tree["reorder"], k, tree["recall"],
+                    tree["recall_bound"], tree["qps"])
+        return {**self._state(), "report": report, "tree": tree}
+
+    def _state(self):
+        """What `tune` swaps when it tries another tree: the searcher, its settings and storage order."""
+        return {"searcher": self._searcher, "settings": self._settings, "ids": self._storage.ids.copy(),
+                "trained_size": self._trained_size, "mutations": self._mutations, "calibration": self._calibration}
+
+    def _set_state(self, state):
+        self._searcher, self._settings = state["searcher"], state["settings"]
+        self._trained_size, self._mutations, self._calibration = (state["trained_size"], state["mutations"],
+                                                                  state["calibration"])
+        if not np.array_equal(self._storage.ids, state["ids"]):  # another tree's training reordered them
+            self._storage.permute(self._rows_of(state["ids"]))
+        self._on_threads()
+
+    def _rows_of(self, ids):
+        """The storage rows of an array of ids, in its shape."""
+        rows = self._storage.rows
+        return np.fromiter((rows[i] for i in np.ravel(ids)), np.int64, count=np.size(ids)).reshape(np.shape(ids))
+
+    def _faster(self, incumbent, challenger, queries, k, repeats):
+        """The better of two trees tried by `tune`: the one reaching the target, then the faster
+        (their settings timed again in turns, so under the same load) or the higher recall."""
+        a, b = incumbent["tree"], challenger["tree"]
+        if a["reached"] != b["reached"]:
+            return incumbent if a["reached"] else challenger
+        if not a["reached"]:
+            return challenger if b["recall"] > a["recall"] else incumbent
+        active, seconds = self._searcher, [math.inf, math.inf]
+        try:
+            for _ in range(repeats):
+                for n, state in enumerate((incumbent, challenger)):
+                    # Only the time counts: the storage order may be the other tree's.
+                    self._searcher, settings = state["searcher"], state["settings"]
+                    seconds[n] = min(seconds[n], _best_seconds(lambda: self._scann_search(
+                        queries, k, settings["reorder"], settings["num_leaves_to_search"]), 1))
+        finally:
+            self._searcher = active
+        a["qps"], b["qps"] = (len(queries) / s for s in seconds)
+        return challenger if b["qps"] > a["qps"] else incumbent
+
     def _calibrate(self):
         """Sets the search-time settings that were neither given nor tuned: the fastest reaching
         `calibration_recall` Recall@10 with gallery points as queries (their own match left out)."""
         settings, options = self._settings, self._options
+        tuned = self._tuned_search(settings.get("num_leaves"))
         fixed = {key: settings[key] for key in ("reorder", "num_leaves_to_search")
-                 if key in settings and (options[key] is not None or key in self._tuned)}
+                 if key in settings and (options[key] is not None or key in tuned)}
         if settings["mode"] == "brute_force" or len(fixed) == (2 if settings["mode"] == "tree" else 1):
             return
         num_points = len(self)
@@ -445,6 +613,7 @@ class ScannIndex(Index, kind="scann"):
         settings = self._settings
         mode = settings["mode"]
         leaves_max = settings.get("num_leaves", 0)
+        tree = {"num_leaves": leaves_max} if mode == "tree" else {}
 
         def recall_of(reorder, leaves):
             rows, _ = self._scann_search(queries, k + (exclude is not None), reorder, leaves)
@@ -452,15 +621,12 @@ class ScannIndex(Index, kind="scann"):
                 rows = _without(rows, exclude, k)
             recalls = recall_per_query(rows, exact_rows)
             error = recalls.std(ddof=1) / math.sqrt(len(recalls)) if len(recalls) > 1 else 0.0
-            return {"reorder": reorder, "num_leaves_to_search": leaves, "recall": float(recalls.mean()),
+            return {**tree, "reorder": reorder, "num_leaves_to_search": leaves, "recall": float(recalls.mean()),
                     "recall_bound": float(recalls.mean() - z * error)}
 
         def timed(trial):
-            seconds = math.inf
-            for _ in range(repeats):
-                start = time.perf_counter()
-                self._scann_search(queries, k, trial["reorder"], trial["num_leaves_to_search"])
-                seconds = min(seconds, time.perf_counter() - start)
+            seconds = _best_seconds(lambda: self._scann_search(queries, k, trial["reorder"],
+                                                               trial["num_leaves_to_search"]), repeats)
             return {**trial, "qps": len(queries) / seconds}
 
         current = timed(recall_of(max(settings.get("reorder", k), k) if mode != "brute_force" else -1,
@@ -468,7 +634,7 @@ class ScannIndex(Index, kind="scann"):
         trials, candidates = [current], []
         if mode != "brute_force":
             ladder = [fixed["reorder"]] if "reorder" in fixed else sorted(
-                {max(k, r) for r in (k, 2 * k, 4 * k, 50, 100, 200, 400, 800)})
+                {max(k, r) for r in (k, 2 * k, 3 * k, 4 * k, *REORDER_LADDER)})
             high, ceiling = leaves_max, -1.0
             for reorder in ladder:
                 if mode == "ah" or "num_leaves_to_search" in fixed:
@@ -509,7 +675,8 @@ class ScannIndex(Index, kind="scann"):
             if mode == "tree":
                 self._settings["num_leaves_to_search"] = chosen["num_leaves_to_search"]
         return {"target_recall": target_recall, "k": k, "reached": bool(reached),
-                "chosen": {key: chosen[key] for key in ("reorder", "num_leaves_to_search")},
+                "chosen": {key: chosen[key] for key in ("num_leaves", "reorder", "num_leaves_to_search")
+                           if key in chosen},
                 "recall": chosen["recall"], "recall_bound": chosen["recall_bound"], "qps": chosen["qps"],
                 "before": current, "trials": trials}
 
@@ -619,6 +786,16 @@ def _upsert_chunks(searcher, slots, vectors, progress, description):
             part = vectors[start:start + _UPSERT_CHUNK]
             searcher.upsert(slots[start:start + _UPSERT_CHUNK], list(part), 256)
             bar.update(len(part))
+
+
+def _best_seconds(run, repeats):
+    """The shortest of `repeats` timings of `run()`, in seconds."""
+    seconds = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds = min(seconds, time.perf_counter() - start)
+    return seconds
 
 
 def _without(rows, own_rows, k):
