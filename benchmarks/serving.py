@@ -176,7 +176,7 @@ def throughput(target, image, concurrency, seconds, pid, transport_only=False):
 
 
 def main():
-    from fgkeras.serving import BatchingParameters
+    from fgkeras.serving import BatchingParameters, default_batch_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="latency samples per path")
@@ -194,8 +194,9 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.requests, args.seconds, args.rounds = 300, 2.0, 2
-    batching = BatchingParameters(max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
-                                  num_batch_threads=args.num_batch_threads)
+    batching = BatchingParameters(
+        max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
+        num_batch_threads=args.num_batch_threads or default_batch_threads(args.intra_op_parallelism or None))
     load = os.getloadavg()
 
     import tensorflow as tf

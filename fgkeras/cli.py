@@ -207,7 +207,8 @@ def build_parser():
                        help="server-side dynamic batching (default: on)")
     serve.add_argument("--max-batch-size", type=int, default=32)
     serve.add_argument("--batch-timeout-micros", type=int, default=0)
-    serve.add_argument("--num-batch-threads", type=int, default=1)
+    serve.add_argument("--num-batch-threads", type=int,
+                       help="batches run at once (default: the CPUs divided by the intra-op threads)")
     serve.add_argument("--intra-op-parallelism", type=int,
                        help="threads one TensorFlow op may use (default: TensorFlow's, a thread per core); "
                             "1 often serves small models faster")

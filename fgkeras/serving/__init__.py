@@ -7,7 +7,7 @@
 - `Client(target)`: `embed`, `search`, `upsert`, `delete`, on the standard stubs.
 """
 
-from fgkeras.serving.batching import BatchingParameters, BatchScheduler
+from fgkeras.serving.batching import BatchingParameters, BatchScheduler, default_batch_threads
 from fgkeras.serving.client import Client, encode_images
 from fgkeras.serving.inventory import Inventory
 from fgkeras.serving.server import Server, serve
@@ -22,6 +22,7 @@ __all__ = [
     "Limits",
     "Server",
     "ServingError",
+    "default_batch_threads",
     "encode_images",
     "serve",
 ]

@@ -8,11 +8,13 @@ of the model and the results are split back. As in TF Serving:
 - `batch_timeout_micros`: how long the oldest request waits for a batch to fill. 0 (TF Serving's
   advice for online serving) never waits: a batch is whatever has queued up while the model was
   busy, so a lone request pays nothing and a loaded server batches by itself.
-- `num_batch_threads`: how many batches run at the same time. One (the default) is what makes
-  a timeout of 0 batch: requests queue while the model runs, and the next batch takes them (up
-  to `max_batch_size`). Each further thread starts a batch as soon as anything is queued, which
-  splits the same load into smaller batches: it pays when one batch leaves CPUs idle, or with a
-  timeout that lets those batches fill.
+- `num_batch_threads`: how many batches run at the same time. With a timeout of 0, requests
+  queue while the batches run and the next batch takes them (up to `max_batch_size`); each
+  further thread starts a batch as soon as anything is queued, which splits the same load into
+  smaller batches, but keeps more CPUs busy when one batch cannot (TensorFlow splits each op over
+  its intra-op threads only). The default, `default_batch_threads`, is the number of CPUs
+  divided by TensorFlow's intra-op threads: one batch thread with TensorFlow's default (a thread
+  per CPU), one per CPU with `intra_op_parallelism=1`.
 - `max_enqueued_batches`: the queue holds at most this many full batches of images; a request
   beyond that is refused with RESOURCE_EXHAUSTED instead of waiting without end.
 
@@ -29,6 +31,7 @@ its own request, not the requests batched with it.
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 
@@ -46,23 +49,33 @@ class BatchingParameters:
     Attributes:
         max_batch_size: most images merged into one call of the model.
         batch_timeout_micros: how long the oldest queued request waits for more (0: never).
-        num_batch_threads: batches running at the same time.
+        num_batch_threads: batches running at the same time; None: `default_batch_threads()` (the
+            server passes its `intra_op_parallelism`).
         max_enqueued_batches: queue capacity, in batches of `max_batch_size` images.
     """
 
     max_batch_size: int = 32
     batch_timeout_micros: int = 0
-    num_batch_threads: int = 1
+    num_batch_threads: int | None = None
     max_enqueued_batches: int = 16
 
     def __post_init__(self):
         for name in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
             value = getattr(self, name)
+            if value is None and name == "num_batch_threads":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
         value = self.batch_timeout_micros
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`batch_timeout_micros` must be an int >= 0. Received: batch_timeout_micros={value!r}")
+
+
+def default_batch_threads(intra_op_threads=None):
+    """Batches to run at once so as to keep every CPU busy without oversubscribing them: the CPUs
+    divided by TensorFlow's intra-op threads per op (None: TensorFlow's default, one per CPU)."""
+    cpus = os.cpu_count() or 1
+    return max(1, cpus // (intra_op_threads or cpus))
 
 
 _QUEUED, _TAKEN, _DONE = "queued", "taken", "done"
@@ -103,7 +116,10 @@ class BatchScheduler:
     """
 
     def __init__(self, parameters=None):
-        self.parameters = parameters or BatchingParameters()
+        parameters = parameters or BatchingParameters()
+        if parameters.num_batch_threads is None:
+            parameters = dataclasses.replace(parameters, num_batch_threads=default_batch_threads())
+        self.parameters = parameters
         self._timeout = self.parameters.batch_timeout_micros / 1e6
         self._capacity = self.parameters.max_enqueued_batches * self.parameters.max_batch_size
         self._cond = threading.Condition(threading.Lock())

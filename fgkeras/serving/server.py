@@ -25,6 +25,7 @@ server.wait()      # until SIGTERM / SIGINT (or another thread's `server.stop()`
 ```
 """
 
+import dataclasses
 import logging
 import os
 import signal
@@ -45,7 +46,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from fgkeras.serving.batching import BatchingParameters, BatchScheduler
+from fgkeras.serving.batching import BatchingParameters, BatchScheduler, default_batch_threads
 from fgkeras.serving.inventory import Inventory, InventoryServicer
 from fgkeras.serving.models import ModelManager
 from fgkeras.serving.protos import inventory_pb2, inventory_pb2_grpc
@@ -215,6 +216,8 @@ class Server:
         self.limits = limits or Limits()
         self.default_k = default_k
         self.grace_seconds = grace_seconds
+        if batching and batching.num_batch_threads is None:
+            batching = dataclasses.replace(batching, num_batch_threads=default_batch_threads(intra_op_parallelism))
         self.batching = batching or None
         self.intra_op_parallelism = intra_op_parallelism
         self._requested_port = port

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fgkeras.serving import BatchingParameters, BatchScheduler, ServingError
+from fgkeras.serving import BatchingParameters, BatchScheduler, ServingError, default_batch_threads
 from fgkeras.serving.status import invalid_argument
 
 
@@ -107,8 +107,8 @@ def test_a_leader_whose_task_is_done_hands_its_turn_to_a_waiting_task():
     assert runner.batches == [1, 1, 1]
 
 
-def test_by_default_tasks_queued_while_a_batch_runs_make_the_next_batch():
-    scheduler = BatchScheduler()  # one batch thread, no timeout
+def test_with_one_batch_thread_tasks_queued_while_a_batch_runs_make_the_next_batch():
+    scheduler = BatchScheduler(BatchingParameters(num_batch_threads=1))  # and no timeout
     runner = Recorder(block=True)
     with futures.ThreadPoolExecutor(6) as pool:
         first = pool.submit(scheduler.run, "k", runner, 1, 1)
@@ -163,3 +163,10 @@ def test_parameters_are_validated():
         BatchingParameters(max_batch_size=0)
     with pytest.raises(ValueError, match="batch_timeout_micros"):
         BatchingParameters(batch_timeout_micros=-1)
+
+
+def test_default_batch_threads_fill_the_cpus_with_intra_op_threads(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert [default_batch_threads(t) for t in (None, 1, 2, 3, 8)] == [1, 4, 2, 1, 1]
+    assert BatchScheduler().parameters.num_batch_threads == 1  # TensorFlow's default: every CPU per op
+    assert BatchScheduler(BatchingParameters(num_batch_threads=3)).parameters.num_batch_threads == 3

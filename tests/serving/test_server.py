@@ -302,6 +302,8 @@ def test_intra_op_parallelism_is_validated_and_refused_once_tensorflow_runs_othe
         with pytest.raises(ValueError, match="intra_op_parallelism"):
             Server(model_root, intra_op_parallelism=bad)
     tf.constant(0.0) + 1.0  # TensorFlow runs in this process, with its default
+    one_per_op = Server(model_root, intra_op_parallelism=1)  # not started: only the batching is resolved
+    assert one_per_op.batching.num_batch_threads == (os.cpu_count() or 1)
     other = tf.config.threading.get_intra_op_parallelism_threads() + 3
     with pytest.raises(ValueError, match="before TensorFlow runs"):
         with kit.running(model_root, intra_op_parallelism=other):
