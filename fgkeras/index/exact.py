@@ -48,7 +48,8 @@ def exact_search(gallery, queries, k, threads=None, query_block=QUERY_BLOCK, sco
     The threads' top k are then merged. BLAS itself is held at one thread meanwhile: the threads
     are the parallelism (numpy releases the GIL in the products and in the top-k passes). Fewer
     than ROW_READ queries are scanned by one thread, their products (matrix-vector for one query)
-    split by BLAS's threads instead.
+    split by BLAS's threads instead. A search cheaper than one task (MIN_TASK multiply-adds) is a
+    single product and a partial sort.
 
     Args:
         gallery: (N, D) float32, C-contiguous.
@@ -64,6 +65,11 @@ def exact_search(gallery, queries, k, threads=None, query_block=QUERY_BLOCK, sco
     """
     if len(queries) == 0:
         return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+    if len(gallery) * len(queries) * gallery.shape[1] < MIN_TASK:
+        # Cheaper than one task: one product and a partial sort, without threads or BLAS limits.
+        scores = queries @ gallery.T
+        columns = _top_k_columns(scores, k)
+        return _sorted(columns.astype(np.int64), np.take_along_axis(scores, columns, axis=1))
     threads = threads or os.cpu_count()
     query_block = min(query_block, len(queries))
     gallery_block = max(score_block // query_block, k)

@@ -245,3 +245,16 @@ def test_embeddings_view_is_read_only(rng):
     with pytest.raises(ValueError):
         index.embeddings[0, 0] = 5.0
     assert index.dim == 16
+
+
+def test_a_search_cheaper_than_one_task_leaves_the_blas_threads_alone(rng, monkeypatch):
+    def refuse(threads):
+        raise AssertionError("a small search set BLAS's threads")
+
+    monkeypatch.setattr(exact, "_limited_blas", refuse)
+    gallery, queries = unit(rng, 1500), unit(rng, 20)
+    rows, _ = exact_search(gallery, queries, 5, threads=2)
+    np.testing.assert_array_equal(rows, reference_top_k(gallery, queries, 5)[0])
+    monkeypatch.setattr(exact, "MIN_TASK", 1)
+    with pytest.raises(AssertionError, match="small search"):
+        exact_search(gallery, queries, 5, threads=2)
