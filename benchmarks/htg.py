@@ -36,6 +36,8 @@ ABLATIONS = {
     "HTG+KPM, constant lr": ["train.method=htg", "model.kpm=true", "train.decay_epochs=1000"],
     "HTG+KPM on P4,P5 (the paper's blocks 3, 4)": ["train.method=htg", "model.kpm=true", "model.kpm_levels=P4,P5"],
     "HTG+KPM, longer game (warm-up 6 of 20 epochs)": ["train.method=htg", "model.kpm=true", "train.warmup_epochs=6"],
+    "HTG, a cosine per phase": ["train.method=htg", "train.restart_schedule=true"],
+    "HTG+KPM, a cosine per phase": ["train.method=htg", "model.kpm=true", "train.restart_schedule=true"],
 }
 
 

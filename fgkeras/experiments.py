@@ -150,11 +150,15 @@ def _train_htg(config, train_set, verbose, callbacks):
             "HTG needs `train.epochs` > `train.warmup_epochs` (the game gets the difference). "
             f"Received: epochs={budget.epochs}, warmup_epochs={budget.warmup_epochs}"
         )
+    warmup_steps = budget.warmup_epochs * budget.steps_per_epoch
     if budget.decay_epochs:  # the paper's step decay, phase by phase
         warmup_rate, game_rate = budget.warmup_learning_rate, budget.learning_rate
+    elif budget.restart_schedule:  # a cosine per phase, each from its full rate
+        warmup_rate = keras.optimizers.schedules.CosineDecay(budget.warmup_learning_rate, max(warmup_steps, 1))
+        game_rate = keras.optimizers.schedules.CosineDecay(budget.learning_rate, game_epochs * budget.steps_per_epoch)
     else:  # the baselines' cosine over the whole budget: the basic model, then the game, on it
         warmup_rate = cosine_schedule(budget, budget.warmup_learning_rate)
-        game_rate = models.ShiftedSchedule(cosine_schedule(budget), budget.warmup_epochs * budget.steps_per_epoch)
+        game_rate = models.ShiftedSchedule(cosine_schedule(budget), warmup_steps)
     with dtype_policy(budget.mixed_precision):
         game = models.train_htg(
             build_embedder(config), training_dataset(config, train_set), train_set.num_classes,

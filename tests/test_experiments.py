@@ -56,3 +56,11 @@ def test_htg_follows_the_baselines_cosine_over_the_whole_budget():
     np.testing.assert_allclose([float(schedule(s)) for s in (0, 1)],
                                [float(cosine(warmup_steps + s)) for s in (0, 1)], rtol=1e-6)
     assert float(game.f_optimizer.learning_rate) < 0.5 * config.train.learning_rate  # decayed by the end
+
+
+def test_htg_restart_schedule_gives_the_game_its_own_cosine_from_the_full_rate():
+    config = _smoke("train.method=htg", "train.epochs=3", "train.warmup_epochs=1", "train.restart_schedule=true")
+    game, _ = experiments.train(config, verbose=0)
+    schedule = game.f_optimizer._learning_rate
+    assert float(schedule(0)) == pytest.approx(config.train.learning_rate)
+    assert float(schedule(2 * config.train.steps_per_epoch)) == pytest.approx(0.0, abs=1e-9)

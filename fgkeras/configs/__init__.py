@@ -71,7 +71,8 @@ class TrainConfig:
     cosine decay over the whole budget (HTG: its basic model on the first part, from
     `warmup_learning_rate`, the game on the rest); `decay_epochs` > 0 gives HTG the paper's
     schedule instead, ×10 lower every `decay_epochs` epochs of each phase (our epochs are
-    `steps_per_epoch` steps, not passes over a data set). `mu`, `beta`, `gamma` and
+    `steps_per_epoch` steps, not passes over a data set); `restart_schedule` gives each HTG
+    phase its own cosine from its full rate instead. `mu`, `beta`, `gamma` and
     `triplets` are HTG's game (see `fgkeras.models.HardTripletGAN`).
     """
 
@@ -80,6 +81,7 @@ class TrainConfig:
     warmup_epochs: int = 12
     warmup_learning_rate: float = 1e-3
     decay_epochs: int = 0
+    restart_schedule: bool = False
     steps_per_epoch: int = 50
     classes_per_batch: int = 16
     images_per_class: int = 4
