@@ -53,22 +53,19 @@ _TRACKABLE_NOTICE = "Please consider providing the trackable_obj"
 def _without_trackable_notice(convert):
     """`convert` with the converter's trackable-object advice dropped from the "absl" logger."""
 
+    def without_notice(record):
+        return _TRACKABLE_NOTICE not in record.getMessage()
+
     @functools.wraps(convert)
     def wrapped(*args, **kwargs):
         absl_logger = logging.getLogger("absl")
-        notice = _TrackableNotice()
-        absl_logger.addFilter(notice)
+        absl_logger.addFilter(without_notice)
         try:
             return convert(*args, **kwargs)
         finally:
-            absl_logger.removeFilter(notice)
+            absl_logger.removeFilter(without_notice)
 
     return wrapped
-
-
-class _TrackableNotice(logging.Filter):
-    def filter(self, record):
-        return _TRACKABLE_NOTICE not in record.getMessage()
 
 
 def _inference_function(embedder, image_size):
