@@ -21,10 +21,14 @@ METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r"]
 def datasets(skip_cars=False, only_cars=False):
     """(slug, name, config) of the synthetic vehicles and, when present, cars196_half."""
     found = [] if only_cars else [("synthetic", "synthetic vehicles, unseen classes", configs.get_config("baseline"))]
-    if not skip_cars and _common.os.path.exists(_common.SHARED_CARS196):
-        cars = configs.get_config("cars196")
-        cars.data.path = _common.SHARED_CARS196
-        found.append(("cars196", "cars196_half, classes 99–196", cars))
+    if skip_cars:
+        return found
+    if not _common.os.path.exists(_common.SHARED_CARS196):
+        print(f"cars196_half skipped: {_common.SHARED_CARS196} not found", flush=True)
+        return found
+    cars = configs.get_config("cars196")
+    cars.data.path = _common.SHARED_CARS196
+    found.append(("cars196", "cars196_half, classes 99–196", cars))
     return found
 
 

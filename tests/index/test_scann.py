@@ -33,10 +33,12 @@ def test_auto_configuration_follows_scann_guidance():
     assert settings["mode"] == "tree" and settings["num_leaves"] == 1000
     assert settings["num_leaves_to_search"] == 100 and settings["reorder"] >= 10
     assert settings["spherical"] is True
+    assert settings["training_sample_size"] == 500_000  # 500 points a leaf train the tree
+    assert ScannIndex().settings_for(100_000)["training_sample_size"] == 100_000  # all of them
     assert ScannIndex().settings_for(1_000_000, unit_norm=False)["spherical"] is False
     forced = ScannIndex(num_leaves=50, num_leaves_to_search=7, reorder=40, spherical=False)
     assert forced.settings_for(1_000_000) == {**settings, "num_leaves": 50, "num_leaves_to_search": 7,
-                                             "reorder": 40, "spherical": False}
+                                             "reorder": 40, "spherical": False, "training_sample_size": 100_000}
 
 
 def test_brute_force_mode_equals_exact_search(gallery):
