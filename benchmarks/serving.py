@@ -154,8 +154,9 @@ def cpu_seconds(pid):
 
 
 def throughput(target, image, concurrency, seconds, pid, transport_only=False):
-    """(calls/s, calls per server CPU-second) of `concurrency` closed-loop clients for `seconds`:
-    Predict of one image, or GetModelStatus with `transport_only`; raises on any failed call."""
+    """(calls/s, calls per server CPU-second, client CPU ms per call) of `concurrency` closed-loop
+    clients for `seconds`: Predict of one image, or GetModelStatus with `transport_only`; raises on
+    any failed call. The clients' CPU is this process's (every client thread runs in it)."""
     import grpc
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -180,18 +181,19 @@ def throughput(target, image, concurrency, seconds, pid, transport_only=False):
             counts[slot] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    start, cpu = time.perf_counter(), cpu_seconds(pid)
+    start, cpu, own = time.perf_counter(), cpu_seconds(pid), time.process_time()
     for thread in threads:
         thread.start()
     time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
+    elapsed, cpu, own = time.perf_counter() - start, cpu_seconds(pid) - cpu, time.process_time() - own
     channel.close()
     if errors:
         raise RuntimeError(f"{len(errors)} failed requests at concurrency {concurrency}: {errors[0]}")
-    return sum(counts) / elapsed, sum(counts) / max(cpu, 1e-9)
+    calls = sum(counts)
+    return calls / elapsed, calls / max(cpu, 1e-9), own * 1e3 / max(calls, 1)
 
 
 def main():
@@ -238,8 +240,8 @@ def main():
                     for mode in ("off", "on"):
                         process, target = servers[mode]
                         before = batching_stats(process) if mode == "on" else None
-                        rate, per_cpu = throughput(target, image, concurrency, args.seconds, process.pid)
-                        samples.setdefault((mode, concurrency), []).append((rate, per_cpu))
+                        rate, per_cpu, client_ms = throughput(target, image, concurrency, args.seconds, process.pid)
+                        samples.setdefault((mode, concurrency), []).append((rate, per_cpu, client_ms))
                         if before is not None:
                             after = batching_stats(process)
                             count = batches.setdefault(concurrency, [0, 0])
@@ -251,9 +253,10 @@ def main():
                         process, target = servers["off"]
                         floor.append(throughput(target, image, concurrency, args.seconds, process.pid,
                                                 transport_only=True))
-            rates = {cell: float(np.median([r for r, _ in values])) for cell, values in samples.items()}
-            efficiency = {cell: float(np.median([e for _, e in values])) for cell, values in samples.items()}
-            floor_rate, floor_per_cpu = (float(np.median(column)) for column in zip(*floor))
+            rates = {cell: float(np.median([r for r, _, _ in values])) for cell, values in samples.items()}
+            efficiency = {cell: float(np.median([e for _, e, _ in values])) for cell, values in samples.items()}
+            floor_rate, floor_per_cpu, _ = (float(np.median(column)) for column in zip(*floor))
+            client_ms = float(np.median([c for mode in ("off", "on") for _, _, c in samples[mode, 32]]))
         finally:
             for process, _ in servers.values():
                 stop_server(process)
@@ -299,18 +302,19 @@ def main():
         "this cost per request, which caps what it can gain.")
     largest = max(costs)
     transport_ms = 1e3 / floor_per_cpu
-    ceiling = (transport_ms + costs[1]) / (transport_ms + costs[largest] / largest)
+    alone, batched = transport_ms + costs[1], transport_ms + costs[largest] / largest
     cost_rows = [{"size": size, "ms": ms, "per_image": ms / size} for size, ms in costs.items()]
     cost_text = (
         _common.markdown_table(cost_rows, [("size", "images in one in-process embed call", "{}"),
                                            ("ms", "ms (best of 30)", "{:.2f}"), ("per_image", "ms per image", "{:.3f}")])
-        + f"\n\nWhat batching can gain at most, in server CPU per image: a request costs the server "
-        f"{transport_ms:.2f} ms of transport (GetModelStatus above) plus the model, {costs[1]:.2f} ms alone or "
-        f"{costs[largest] / largest:.2f} ms per image in a batch of {largest}, so perfect batching gives at most "
-        f"**{ceiling:.2f}x** images per server CPU-second (measured at 32 clients: "
-        f"{throughput_rows[-1]['cpu_ratio']:.2f}x); the clients' own CPU, on the same cores here, lowers the "
-        "wall-clock ceiling further. A 3x gain needs a model whose batch-1 call is mostly fixed overhead, or a "
-        "transport cheaper than Python gRPC's.")
+        + f"\n\nWhat batching can gain at most: a request costs the server {transport_ms:.2f} ms of CPU for the "
+        f"transport (GetModelStatus above) plus the model, {costs[1]:.2f} ms alone or {costs[largest] / largest:.2f} ms "
+        f"per image in a batch of {largest}, so perfect batching gives at most **{alone / batched:.2f}x** images per "
+        f"server CPU-second (measured at 32 clients: {throughput_rows[-1]['cpu_ratio']:.2f}x). The clients, on the same "
+        f"{os.cpu_count()} cores here, spend {client_ms:.2f} ms of CPU per call, which bounds the wall-clock gain of a "
+        f"CPU-bound machine at **{(client_ms + alone) / (client_ms + batched):.2f}x** (measured: "
+        f"{throughput_rows[-1]['ratio']:.2f}x). A 3x gain needs a model whose batch-1 call is mostly fixed overhead, "
+        "clients on other machines, or a transport cheaper than Python gRPC's.")
     model = (f"Load average before the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) on "
              f"{os.cpu_count()} CPUs (other jobs share them: tails, p99, are noisy). TensorFlow intra-op threads: "
              f"{args.intra_op_parallelism or 'its default'} in both servers and in the in-process calls. "

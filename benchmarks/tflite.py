@@ -224,7 +224,8 @@ def main():
         "share the machine's load), median and 10th percentile; one process per thread count; absolute times on "
         "a shared 2-core machine are noise, ratios are the result",
     ])
-    path = _common.write_results("tflite", [("Setup", setup), ("Results", table), ("Goals", "\n".join(goals))])
+    name = "tflite" if image_size == 64 else f"tflite_{image_size}px"  # 64 px: the default setting
+    path = _common.write_results(name, [("Setup", setup), ("Results", table), ("Goals", "\n".join(goals))])
     print(table)
     print("\n".join(goals))
     print(f"written to {path}")
