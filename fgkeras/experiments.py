@@ -84,9 +84,24 @@ def cosine_schedule(train_config, initial_rate=None):
         initial_rate if initial_rate is not None else train_config.learning_rate, max(total_steps, 1))
 
 
+def restart_schedule(train_config):
+    """What `train.restart_schedule` gives a method that is not HTG: a cosine over the first
+    `warmup_epochs`, then a fresh one from `learning_rate` over the rest — the warm restart HTG's
+    game gets, without the game, so that the two can be compared fairly."""
+    first = train_config.warmup_epochs * train_config.steps_per_epoch
+    rest = (train_config.epochs - train_config.warmup_epochs) * train_config.steps_per_epoch
+    if first < 1 or rest < 1:
+        raise ValueError(
+            "`train.restart_schedule` restarts the learning rate after `train.warmup_epochs`, so it needs "
+            f"0 < warmup_epochs < epochs. Received: warmup_epochs={train_config.warmup_epochs}, "
+            f"epochs={train_config.epochs}")
+    return keras.optimizers.schedules.CosineDecayRestarts(
+        train_config.learning_rate, first_decay_steps=first, t_mul=rest / first, m_mul=1.0)
+
+
 def make_optimizer(train_config):
-    """`train_config.optimizer` on `cosine_schedule(train_config)`."""
-    schedule = cosine_schedule(train_config)
+    """`train_config.optimizer` on `cosine_schedule(train_config)` (or `restart_schedule`)."""
+    schedule = restart_schedule(train_config) if train_config.restart_schedule else cosine_schedule(train_config)
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
                   "adamw": keras.optimizers.AdamW}
     if train_config.optimizer not in optimizers:

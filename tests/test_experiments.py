@@ -64,3 +64,18 @@ def test_htg_restart_schedule_gives_the_game_its_own_cosine_from_the_full_rate()
     schedule = game.f_optimizer._learning_rate
     assert float(schedule(0)) == pytest.approx(config.train.learning_rate)
     assert float(schedule(2 * config.train.steps_per_epoch)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_restart_schedule_gives_the_baselines_the_same_warm_restart_as_htg():
+    config = _smoke("train.method=triplet_batch_hard", "train.epochs=3", "train.warmup_epochs=1",
+                    "train.steps_per_epoch=10", "train.restart_schedule=true")
+    model, _ = experiments.train(config, verbose=0)
+    schedule, rate = model.optimizer._learning_rate, config.train.learning_rate
+    first = config.train.steps_per_epoch  # warm-up: 1 epoch, then the rest: 2 epochs
+    assert float(schedule(0)) == pytest.approx(rate)
+    assert float(schedule(first - 1)) < 0.1 * rate
+    assert float(schedule(first)) == pytest.approx(rate)  # restarted from the full rate
+    assert float(schedule(first + 1)) > 0.9 * rate        # and decays over the longer rest
+    assert float(schedule(3 * first - 1)) < 0.1 * rate
+    with pytest.raises(ValueError, match="0 < warmup_epochs < epochs"):
+        experiments.make_optimizer(_smoke("train.epochs=3", "train.warmup_epochs=3", "train.restart_schedule=true").train)

@@ -74,7 +74,8 @@ class TrainConfig:
     `warmup_learning_rate`, the game on the rest); `decay_epochs` > 0 gives HTG the paper's
     schedule instead, ×10 lower every `decay_epochs` epochs of each phase (our epochs are
     `steps_per_epoch` steps, not passes over a data set); `restart_schedule` gives each HTG
-    phase its own cosine from its full rate instead. `mu`, `beta`, `gamma` and
+    phase its own cosine from its full rate instead, and every other method the same warm
+    restart after `warmup_epochs` (`experiments.restart_schedule`, the control). `mu`, `beta`, `gamma` and
     `triplets` are HTG's game (see `fgkeras.models.HardTripletGAN`).
     """
 
