@@ -42,10 +42,8 @@ ASSETS_DIR = "scann"
 # Points the AH codebooks train on (what ScaNN's autopilot uses): 16 centres per block of 2
 # dimensions need far fewer than the tree, and AH training dominates the build time otherwise.
 AH_TRAINING_SAMPLE = 32_000
-# Gallery points used as queries by the calibration of the search-time settings. Measured on the 1M
-# hard set of benchmarks/index.py: 300 put the recall of fresh queries at 0.962-0.971 for a target of
-# 0.96 (an estimate within ±0.005, where one more leaf searched adds ~0.0015), 1,000 at 0.961.
-CALIBRATION_QUERIES = 1000
+# Gallery points used as queries by the calibration of the search-time settings.
+CALIBRATION_QUERIES = 300
 # Candidates reordered that the calibration and `tune` try, besides k, 2k, 3k and 4k.
 REORDER_LADDER = (50, 70, 100, 150, 200, 300, 400, 800)
 
@@ -85,7 +83,7 @@ class ScannIndex(Index, kind="scann"):
     reordering below 100k; above, a k-means tree of about sqrt(N) leaves, then AH and
     reordering. The search-time settings (leaves searched, candidates reordered) are then
     *calibrated* at build time: the fastest setting whose Recall@10 reaches `calibration_recall`
-    on 1,000 gallery points used as queries (their own match left out). Queries unlike the gallery
+    on 300 gallery points used as queries (their own match left out). Queries unlike the gallery
     may get less: `tune()` with real queries does the same on them, and retrains the tree at other
     sizes to find a faster one. Every setting can be forced; `config` tells what is in use (and
     `settings_for(n)` the rules before calibration: 10 % of the leaves, 250 reordered).
