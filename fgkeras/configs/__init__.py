@@ -75,8 +75,8 @@ class TrainConfig:
     schedule instead, ×10 lower every `decay_epochs` epochs of each phase (our epochs are
     `steps_per_epoch` steps, not passes over a data set); `restart_schedule` gives each HTG
     phase its own cosine from its full rate instead, and every other method the same warm
-    restart after `warmup_epochs` (`experiments.restart_schedule`, the control). `mu`, `beta`, `gamma` and
-    `triplets` are HTG's game (see `fgkeras.models.HardTripletGAN`).
+    restart after `warmup_epochs` (`experiments.restart_schedule`, the control). `mu`, `beta`,
+    `gamma` and `triplets` are HTG's game (see `fgkeras.models.HardTripletGAN`).
     """
 
     method: str = "triplet_batch_hard"

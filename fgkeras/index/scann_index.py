@@ -50,8 +50,8 @@ REORDER_LADDER = (50, 70, 100, 150, 200, 300, 400, 800)
 
 DEFAULT_REORDER = 250
 # Points the tree trains on per leaf. Measured on the 1M hard set of benchmarks/index.py (1,000 leaves,
-# 30 searched, 100 reordered): Recall@10 0.949 / 0.956 / 0.961 with 100 / 250 / 500 points a leaf, so
-# the 0.96 the calibration aims at takes ~40 / 33 / 30 leaves searched; training took 5 / 12 / 22 s.
+# 30 searched, 100 reordered, one seed): Recall@10 0.949 / 0.956 / 0.961 with 100 / 250 / 500 points a
+# leaf, i.e. ~40 / 33 / 30 leaves searched for the calibration's 0.96; training took 5 / 12 / 22 s.
 TREE_SAMPLE_PER_LEAF = 500
 # Tree sizes `tune` tries by default, in multiples of the sqrt(N) leaves of the auto-configuration,
 # and the points a leaf must hold on average for a size to be tried (its k-means centre is then
