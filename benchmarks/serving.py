@@ -132,17 +132,15 @@ def batch_costs(version_dir, image, sizes=(1, 4, 16, 32), repeats=30):
     the model itself costs per image as batches grow, the most server-side batching can save."""
     import tensorflow as tf
 
+    from fgkeras.index.scann_index import _best_seconds  # the timing index.py uses too
+
     function = tf.saved_model.load(version_dir).signatures["embed"]
     costs = {}
     for size in sizes:
         images = tf.constant([image] * size)
-        function(images=images)["embeddings"].numpy()
-        best = np.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function(images=images)["embeddings"].numpy()
-            best = min(best, time.perf_counter() - start)
-        costs[size] = best * 1e3
+        call = lambda: function(images=images)["embeddings"].numpy()  # noqa: E731
+        call()  # traced and warm before timing
+        costs[size] = _best_seconds(call, repeats) * 1e3
     return costs
 
 
