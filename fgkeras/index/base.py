@@ -3,7 +3,7 @@
 An index directory holds:
 
     manifest.json     {"format": "fgkeras.index", "format_version": 1, "kind": "exact" | "scann",
-                       "dim", "count", "dtype": "float32", "config": {...},
+                       "dim", "count", "dtype": "float32", "config": {...}, "metadata": {...},
                        "files": {relative path: {"bytes": int, "sha256": hex}}, "fgkeras_version", "saved_at"}
     embeddings.npy    (count, dim) float32, read with `allow_pickle=False`
     ids.json          the ids as a UTF-8 JSON list of strings, in the order of the rows of embeddings.npy
@@ -68,6 +68,7 @@ class Index(abc.ABC):
     def __init__(self):
         self._storage = _Storage()
         self._threads = None
+        self._metadata = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -77,7 +78,7 @@ class Index(abc.ABC):
         Returns:
             the index itself.
         """
-        ids = _check_ids(ids, "ids")
+        ids = _as_id_list(ids, "ids")
         embeddings = _check_matrix(embeddings, "embeddings", dim=None, rows=len(ids))
         _check_unique(ids, "ids")
         previous, self._storage = self._storage, _Storage()
@@ -114,15 +115,34 @@ class Index(abc.ABC):
         Args:
             ids: a string or a sequence of unique strings.
             embeddings: (len(ids), D), or (D,) for one id.
+        Raises:
+            ValueError: what `validate_upsert` raises; nothing is changed then.
         """
-        ids = _check_ids(ids, "ids", allow_single=True)
-        embeddings = _check_matrix(embeddings, "embeddings", dim=self._storage.dim, rows=len(ids),
-                                   allow_vector=True)
-        _check_unique(ids, "ids")
+        ids, embeddings = self.validate_upsert(ids, embeddings)
         if not ids:
             return
         slots = self._storage.upsert(ids, embeddings)
         self._on_upsert(slots, embeddings)
+
+    def validate_upsert(self, ids, embeddings):
+        """Raises the ValueError that `upsert(ids, embeddings)` would raise, without changing anything.
+
+        `upsert` calls it first, so a caller that records a change before applying it (a write-ahead
+        log) can refuse the change before recording it.
+
+        Returns:
+            the checked `(ids, embeddings)`: a list of str and a (len(ids), D) float32 array.
+        Raises:
+            ValueError: `ids` are not unique strings; `embeddings` are not a finite real (len(ids), D)
+                array of the index's D; or the kind refuses these vectors (a spherical ScaNN tree
+                only takes L2-normalised ones).
+        """
+        ids = _as_id_list(ids, "ids", allow_single=True)
+        embeddings = _check_matrix(embeddings, "embeddings", dim=self._storage.dim, rows=len(ids),
+                                   allow_vector=True)
+        _check_unique(ids, "ids")
+        self._check_upsert_vectors(embeddings)
+        return ids, embeddings
 
     def delete(self, ids, missing_ok=False):
         """Removes `ids` (a string or a sequence of strings).
@@ -131,7 +151,7 @@ class Index(abc.ABC):
             KeyError: naming the ids that are not in the index, unless `missing_ok` (then they are
                 skipped). Nothing is deleted when it is raised.
         """
-        ids = _check_ids(ids, "ids", allow_single=True)
+        ids = _as_id_list(ids, "ids", allow_single=True)
         unknown = [i for i in ids if i not in self._storage.rows]
         if unknown and not missing_ok:
             raise KeyError(f"{len(unknown)} id(s) not in the index: {_preview(unknown)}")
@@ -177,6 +197,7 @@ class Index(abc.ABC):
                 "count": len(self),
                 "dtype": "float32",
                 "config": self._manifest_config(),
+                "metadata": self._metadata,
                 "files": listed,
                 "fgkeras_version": _fgkeras_version(),
                 "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -211,6 +232,7 @@ class Index(abc.ABC):
                 f"{directory} holds a {kind!r} index, not {cls.kind!r}: load it with Index.load."
             )
         index = Index._kinds[kind]._from_manifest_config(manifest["config"])
+        index._metadata = manifest["metadata"]
         embeddings = _read_embeddings(directory, manifest)
         ids = _read_ids(directory, manifest)
         index._storage.reset(embeddings, ids, copy=False)
@@ -232,6 +254,20 @@ class Index(abc.ABC):
             raise ValueError(f"`threads` must be a positive int or None. Received: threads={value!r}")
         self._threads = value
         self._on_threads()
+
+    @property
+    def metadata(self):
+        """What the owner records about the contents (e.g. the model that made the vectors): a
+        JSON-serialisable dict, `{}` by default, saved in the manifest and restored by `load`.
+
+        Reading gives a copy: assign a new dict to change it (`index.metadata = {**index.metadata,
+        "log_seq": 7}`). It is stored as JSON gives it back, so tuples read back as lists.
+        """
+        return json.loads(json.dumps(self._metadata))
+
+    @metadata.setter
+    def metadata(self, value):
+        self._metadata = _as_metadata(value)
 
     @property
     def ids(self):
@@ -272,6 +308,9 @@ class Index(abc.ABC):
 
     def _on_threads(self):
         """Called after `threads` was set."""
+
+    def _check_upsert_vectors(self, embeddings):
+        """Raises a ValueError when the kind refuses these checked (n, D) float32 vectors for `upsert`."""
 
     def _manifest_config(self):
         return {}
@@ -404,7 +443,29 @@ def _is_positive_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
-def _check_ids(ids, name, allow_single=False):
+def _as_metadata(value):
+    """`value` as JSON gives it back, when it is a JSON-serialisable dict with str keys."""
+    if not isinstance(value, dict):
+        raise ValueError(f"`metadata` must be a dict. Received: {type(value).__name__} {value!r:.80}")
+    pending = [value]
+    while pending:  # JSON would turn other keys into strings, so the loaded index would differ
+        item = pending.pop()
+        if isinstance(item, dict):
+            bad = [key for key in item if not isinstance(key, str)]
+            if bad:
+                raise ValueError(f"`metadata` keys must be strings. Received key {bad[0]!r} in {value!r:.200}")
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`metadata` must be JSON-serialisable ({error}). Received: {value!r:.200}") from None
+
+
+def _as_id_list(ids, name, allow_single=False):
+    """`ids` as a list of str: a sequence of strings (or one string with `allow_single`); unchecked
+    for uniqueness (see `_check_unique`)."""
     if isinstance(ids, str) and allow_single:
         return [str(ids)]
     if isinstance(ids, (str, bytes)) or ids is None or not hasattr(ids, "__len__"):
@@ -497,6 +558,9 @@ def read_manifest(directory, verify=True):
         raise IndexFormatError(f"{path}: `dtype` must be 'float32'. Received {manifest.get('dtype')!r}")
     if not isinstance(manifest.get("config"), dict):
         raise IndexFormatError(f"{path}: `config` must be an object.")
+    manifest.setdefault("metadata", {})  # manifests written before metadata existed
+    if not isinstance(manifest["metadata"], dict):
+        raise IndexFormatError(f"{path}: `metadata` must be an object. Received {manifest['metadata']!r:.80}")
     files = manifest.get("files")
     if not isinstance(files, dict) or EMBEDDINGS_FILE not in files or IDS_FILE not in files:
         raise IndexFormatError(f"{path}: `files` must list {EMBEDDINGS_FILE} and {IDS_FILE}.")

@@ -309,19 +309,19 @@ class ScannIndex(Index, kind="scann"):
         self._mutations += len(slots)
         self._maybe_rebalance()
 
-    def upsert(self, ids, embeddings):
+    def _check_upsert_vectors(self, embeddings):
         # A spherical tree would silently normalise non-unit vectors: refuse them before mutating.
-        if self._settings is not None and self._settings.get("spherical") and self._searcher is not None:
-            vectors = _check_matrix(embeddings, "embeddings", dim=self.dim, allow_vector=True)
-            if not _unit_norm(vectors):
-                raise ValueError(
-                    "`embeddings` must be L2-normalised: this index uses a spherical tree (chosen because "
-                    "the gallery was L2-normalised), which normalises what it stores. L2-normalise them, "
-                    "or build with ScannIndex(spherical=False)."
-                )
-        super().upsert(ids, embeddings)
-
-    upsert.__doc__ = Index.upsert.__doc__
+        # An empty index trains its first tree on them, spherical when the constructor said so.
+        if self._searcher is not None:
+            spherical = bool(self._settings and self._settings.get("spherical"))
+        else:
+            spherical = self._options["spherical"] is True and self._resolve(len(embeddings))["mode"] == "tree"
+        if spherical and not _unit_norm(embeddings):
+            raise ValueError(
+                "`embeddings` must be L2-normalised: this index uses a spherical tree (chosen because "
+                "the gallery was L2-normalised, or by `spherical=True`), which normalises what it stores. "
+                "L2-normalise them, or build with ScannIndex(spherical=False)."
+            )
 
     def _on_delete(self, rows):
         if len(self) == 0:
@@ -347,8 +347,8 @@ class ScannIndex(Index, kind="scann"):
             self.rebalance()
 
     def retrained(self, embeddings, ids):
-        """A new index of this one's configuration (options, tuned settings, threads) built on
-        `embeddings` and `ids`; this index is left as it is.
+        """A new index of this one's configuration (options, tuned settings, threads) and `metadata`,
+        built on `embeddings` and `ids`; this index is left as it is.
 
         What a server does instead of `rebalance()` inside the mutation that makes it due: it sets
         `auto_rebalance = False`, trains a copy of the contents with this in another thread while
@@ -356,6 +356,7 @@ class ScannIndex(Index, kind="scann"):
         """
         index = self._from_manifest_config(self._manifest_config())
         index.auto_rebalance = self.auto_rebalance
+        index.metadata = self.metadata
         return index.build(embeddings, ids)
 
     def rebalance(self):
