@@ -14,6 +14,13 @@ Services on one port:
 Any TF Serving client works unchanged (`prediction_service_pb2_grpc.PredictionServiceStub`); the
 `fgkeras.serving.Client` wraps the stubs for Python users.
 
+With `rest_api_port` (TF Serving's `--rest_api_port`; off unless asked), the server also answers
+TF Serving's REST API on the same host (`fgkeras.serving.rest`): `POST /v1/models/<name>[/versions/<v>]
+:predict` with `{"instances": [...]}` (row format) or `{"inputs": ...}` (columnar), binary strings
+as `{"b64": ...}`; `GET /v1/models/<name>[/versions/<v>]` (status) and `.../metadata`. Each call
+runs the same code as its gRPC twin, with the same limits; errors are `{"error": "..."}` with the
+HTTP code TF Serving gives the status (400 INVALID_ARGUMENT, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED ...).
+
 Errors are gRPC statuses: NOT_FOUND for an unknown model, version or signature; INVALID_ARGUMENT
 saying what is wrong with a tensor or an image; RESOURCE_EXHAUSTED when a request is too large or
 the server is saturated; DEADLINE_EXCEEDED when the client's deadline passed in the queue.
@@ -106,7 +113,11 @@ class _Executor:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """`tensorflow.serving.PredictionService`: Predict and GetModelMetadata."""
+    """`tensorflow.serving.PredictionService`: Predict and GetModelMetadata.
+
+    `predict` and `metadata` hold the logic, raising `ServingError`; the gRPC methods answer with
+    them and the REST API (`fgkeras.serving.rest`) calls them too.
+    """
 
     def __init__(self, models, executor, limits):
         self._models = models
@@ -114,7 +125,23 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._limits = limits
 
     def Predict(self, request, context):
-        with abort_on_error(context), self._models.acquire(request.model_spec) as servable:
+        with abort_on_error(context):
+            return self.predict(request, deadline_of(context))
+
+    def GetModelMetadata(self, request, context):
+        with abort_on_error(context):
+            return self.metadata(request)
+
+    def predict(self, request, deadline):
+        """The `PredictResponse` to a `PredictRequest`.
+
+        Args:
+            request: a `predict_pb2.PredictRequest`.
+            deadline: a `time.monotonic()` value after which the request is not run, or None.
+        Raises:
+            ServingError: what the client asked for cannot be served (its status code says why).
+        """
+        with self._models.acquire(request.model_spec) as servable:
             signature = servable.signature(request.model_spec.signature_name)
             payload, rows = signature.parse(request.inputs, self._limits)
             wanted = list(request.output_filter)
@@ -122,7 +149,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             if unknown:
                 raise invalid_argument(f"output_filter names {unknown}, which signature {signature.name!r} does not "
                                        f"have; its outputs are {sorted(signature.outputs)}")
-            outputs = self._executor.run(servable, signature, payload, rows, deadline_of(context))
+            outputs = self._executor.run(servable, signature, payload, rows, deadline)
             response = predict_pb2.PredictResponse()
             spec = response.model_spec
             spec.name = servable.name
@@ -133,19 +160,19 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                     fill_proto(response.outputs[key], value)
             return response
 
-    def GetModelMetadata(self, request, context):
-        with abort_on_error(context):
-            if not request.metadata_field:
-                raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
-            for field in request.metadata_field:
-                if field != SIGNATURE_DEF_FIELD:
-                    raise invalid_argument(f"Metadata field {field!r} is not supported (only {SIGNATURE_DEF_FIELD!r})")
-            with self._models.acquire(request.model_spec) as servable:
-                response = get_model_metadata_pb2.GetModelMetadataResponse()
-                response.model_spec.name = servable.name
-                response.model_spec.version.value = servable.version
-                response.metadata[SIGNATURE_DEF_FIELD].Pack(servable.signature_def_map())
-                return response
+    def metadata(self, request):
+        """The `GetModelMetadataResponse` to a `GetModelMetadataRequest`; raises `ServingError`."""
+        if not request.metadata_field:
+            raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != SIGNATURE_DEF_FIELD:
+                raise invalid_argument(f"Metadata field {field!r} is not supported (only {SIGNATURE_DEF_FIELD!r})")
+        with self._models.acquire(request.model_spec) as servable:
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = servable.name
+            response.model_spec.version.value = servable.version
+            response.metadata[SIGNATURE_DEF_FIELD].Pack(servable.signature_def_map())
+            return response
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
@@ -156,13 +183,20 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request, context):
         with abort_on_error(context):
-            response = get_model_status_pb2.GetModelStatusResponse()
-            for status in self._models.status(request.model_spec):
-                entry = response.model_version_status.add(version=status.version, state=status.state)
-                if status.error:
-                    entry.status.error_code = error_codes_pb2.UNKNOWN
-                    entry.status.error_message = status.error
-            return response
+            return self.status(request)
+
+    def status(self, request):
+        """The `GetModelStatusResponse` to a `GetModelStatusRequest`; raises `ServingError`.
+
+        Every version's `status` is set, OK or the error of its failed load, as TF Serving sets it."""
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for status in self._models.status(request.model_spec):
+            entry = response.model_version_status.add(version=status.version, state=status.state)
+            entry.status.SetInParent()
+            if status.error:
+                entry.status.error_code = error_codes_pb2.UNKNOWN
+                entry.status.error_message = status.error
+        return response
 
 
 class Server:
@@ -175,6 +209,9 @@ class Server:
         host: the interface to listen on. The default is loopback only; "0.0.0.0" or "::" listen
             on every interface (no TLS: put the server behind a proxy that adds it).
         port: the port (0: a free one; read it back from `server.port`).
+        rest_api_port: the port of TF Serving's REST API on the same `host` (TF Serving's
+            `--rest_api_port`, 8501 there; see `fgkeras.serving.rest`): None (default) serves no
+            REST API, 0 a free port (read it back from `server.rest_port`).
         batching: True (default parameters), False, or `BatchingParameters`.
         index_dir: the live inventory's index directory (see `fgkeras.serving.inventory`); None
             serves the export's own signatures only, without InventoryService.
@@ -196,11 +233,15 @@ class Server:
 
     def __init__(self, model_dir, model_name=None, host="127.0.0.1", port=8500, batching=True, index_dir=None,
                  limits=None, num_versions=1, versions=None, poll_seconds=1.0, default_k=10, grace_seconds=10.0,
-                 snapshot_every=1000, warmup=True, intra_op_parallelism=None):
+                 snapshot_every=1000, warmup=True, intra_op_parallelism=None, rest_api_port=None):
         if not os.path.isdir(model_dir):
             raise ValueError(f"`model_dir` must be a directory of integer versions. Received: model_dir={model_dir!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"`port` must be an int in [0, 65535]. Received: port={port!r}")
+        if rest_api_port is not None and (isinstance(rest_api_port, bool) or not isinstance(rest_api_port, int) or
+                                          not 0 <= rest_api_port <= 65535):
+            raise ValueError(f"`rest_api_port` must be None or an int in [0, 65535]. "
+                             f"Received: rest_api_port={rest_api_port!r}")
         if isinstance(default_k, bool) or not isinstance(default_k, int) or default_k < 1:
             raise ValueError(f"`default_k` must be a positive int. Received: default_k={default_k!r}")
         if intra_op_parallelism is not None and (isinstance(intra_op_parallelism, bool) or
@@ -230,8 +271,13 @@ class Server:
                                    versions=versions, poll_seconds=poll_seconds,
                                    extend_signatures=self._extend_signatures if index_dir else None, warmup=warmup)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._prediction = PredictionServicer(self.models, self._executor, self.limits)
+        self._model_status = ModelServicer(self.models)
         self.port = None
         self._grpc = None
+        self._requested_rest_port = rest_api_port
+        self.rest_port = None
+        self._rest = None
         self._state_lock = threading.Lock()
         self._started = False
         self._stopping = False
@@ -266,7 +312,15 @@ class Server:
                 raise RuntimeError(f"Cannot listen on {address}: {error}") from None
             if not self.port:
                 raise RuntimeError(f"Cannot listen on {address} (in use, or not an interface of this machine)")
+            if self._requested_rest_port is not None:
+                from fgkeras.serving.rest import RestServer
+
+                self._rest = RestServer(self._prediction, self._model_status, self.limits, self.host,
+                                        self._requested_rest_port)
+                self.rest_port = self._rest.port
             self._grpc.start()
+            if self._rest is not None:
+                self._rest.start()
         except BaseException:
             self._release()
             with self._state_lock:
@@ -280,6 +334,8 @@ class Server:
         logger.info("serving model %r versions %s on %s (batching %s%s)", self.model_name,
                     self.models.available_versions, self.address, "on" if self.batcher else "off",
                     f", inventory of {len(self.inventory)} items" if self.inventory is not None else "")
+        if self._rest is not None:
+            logger.info("REST API of model %r on %s", self.model_name, self._rest.url)
         return self
 
     @property
@@ -301,9 +357,14 @@ class Server:
             return
         logger.info("stopping the server on %s", self.address)
         self.health.enter_graceful_shutdown()
+        grace = self.grace_seconds if grace is None else grace
         try:
+            if self._rest is not None:
+                self._rest.begin_stop()
             if self._grpc is not None:
-                self._grpc.stop(self.grace_seconds if grace is None else grace).wait()
+                self._grpc.stop(grace).wait()
+            if self._rest is not None:
+                self._rest.stop(grace)
             self._release()
         finally:
             self._stopped.set()
@@ -355,6 +416,8 @@ class Server:
         self._stop_requested.set()
 
     def _release(self):
+        if self._rest is not None:
+            self._rest.stop(0)
         if self.batcher is not None:
             self.batcher.close()
         self.models.close()
@@ -370,9 +433,8 @@ class Server:
                      ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.models, self._executor, limits), server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.models), server)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self._prediction, server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(self._model_status, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.inventory is not None:
             inventory_pb2_grpc.add_InventoryServiceServicer_to_server(
