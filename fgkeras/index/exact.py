@@ -68,8 +68,8 @@ def exact_search(gallery, queries, k, threads=None, query_block=QUERY_BLOCK, sco
     if len(gallery) * len(queries) * gallery.shape[1] < MIN_TASK:
         # Cheaper than one task: one product and a partial sort, without threads or BLAS limits.
         scores = queries @ gallery.T
-        columns = _top_k_columns(scores, k)
-        return _sorted(columns.astype(np.int64), np.take_along_axis(scores, columns, axis=1))
+        columns = _top_k_columns(scores, k).astype(np.int64)
+        return _sorted(columns, np.take_along_axis(scores, columns, axis=1))
     threads = threads or os.cpu_count()
     query_block = min(query_block, len(queries))
     gallery_block = max(score_block // query_block, k)
@@ -82,7 +82,10 @@ def exact_search(gallery, queries, k, threads=None, query_block=QUERY_BLOCK, sco
         tasks.put(task)
 
     def work():
-        """Runs tasks until none is left: {query block start: its (rows, scores) top k}."""
+        """Runs tasks until none is left: {query block start: its (rows, scores) top k}.
+
+        The queue is FIFO, so the ranges a thread meets for a query block come in increasing order of
+        rows, which the running top k needs to keep the lowest rows of equal scores (see `_above`)."""
         tops = {}
         buffer = np.empty(query_block * gallery_block, np.float32)
         while True:
@@ -105,7 +108,7 @@ def exact_search(gallery, queries, k, threads=None, query_block=QUERY_BLOCK, sco
         parts = [top[q0] for top in found if q0 in top]
         block_rows, block_scores = (np.concatenate(part, axis=1) for part in zip(*parts))
         if len(parts) > 1:
-            best = _top_k_columns(block_scores, k)
+            best = _best_k(block_scores, block_rows, k)
             block_rows = np.take_along_axis(block_rows, best, axis=1)
             block_scores = np.take_along_axis(block_scores, best, axis=1)
         rows[q0:q0 + query_block], scores[q0:q0 + query_block] = _sorted(block_rows, block_scores)
@@ -215,7 +218,7 @@ class _RunningTopK:
         position = k + np.arange(len(queries)) - np.repeat(starts, counts)
         pooled_scores[line, position] = scores
         pooled_rows[line, position] = rows
-        best = np.argpartition(pooled_scores, width - k, axis=1)[:, width - k:]
+        best = _best_k(pooled_scores, pooled_rows, k)
         self.scores[touched] = np.take_along_axis(pooled_scores, best, axis=1)
         self.rows[touched] = np.take_along_axis(pooled_rows, best, axis=1)
         self.threshold[touched] = self.scores[touched].min(axis=1)
@@ -234,16 +237,18 @@ def _group_maxima(scores):
 
 
 def _top_k_columns(scores, k):
-    """Column indices (Q, k) of the k largest entries of each row of `scores` (Q, C), unordered.
+    """Column indices (Q, k) of the k largest entries of each row of `scores` (Q, C), unordered;
+    of equal scores at the k-th place, the lowest columns.
 
     Only the k groups of largest maximum (see `_group_maxima`) can hold the k best scores: each of
     the k best lies in a group whose maximum is at least the k-th best score, and at most k groups
-    have such a maximum. So a partial sort runs over C / GROUPS maxima and k × GROUPS candidates.
+    have such a maximum — unless the k-th best is tied, when more groups may reach it and hold a
+    lower column of that score: those rows are then selected over all their columns.
     """
     num_columns = scores.shape[1]
     width = num_columns // GROUPS
     if width <= 4 * k:
-        return np.argpartition(scores, num_columns - k, axis=1)[:, num_columns - k:]
+        return _best_k(scores, np.arange(num_columns), k)
     maxima = _group_maxima(scores[:, : width * GROUPS])
     groups = np.argpartition(maxima, width - k, axis=1)[:, width - k:]
     columns = (groups[:, :, None] + np.arange(GROUPS) * width).reshape(len(scores), -1)
@@ -252,12 +257,38 @@ def _top_k_columns(scores, k):
         extra = np.arange(width * GROUPS, num_columns)
         columns = np.concatenate([columns, np.broadcast_to(extra, (len(scores), tail))], axis=1)
     values = np.take_along_axis(scores, columns, axis=1)
-    best = np.argpartition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k:]
-    return np.take_along_axis(columns, best, axis=1)
+    best = np.take_along_axis(columns, _best_k(values, columns, k), axis=1)
+    kth = np.take_along_axis(scores, best, axis=1).min(axis=1)
+    spread = np.flatnonzero((maxima >= kth[:, None]).sum(axis=1) > k)
+    if spread.size:
+        best[spread] = _best_k(scores[spread], np.arange(num_columns), k)
+    return best
+
+
+def _best_k(values, labels, k):
+    """Positions (Q, k) of the k largest entries of each row of `values` (Q, C), unordered; of equal
+    values at the k-th place, those of the lowest `labels` ((C,) or (Q, C), unique within a row).
+
+    A partial sort finds the k-th largest value; only the rows where more than k entries reach it
+    (ties at the boundary, rare on real data) are then sorted by (value, label).
+    """
+    num = values.shape[1]
+    if num == k:
+        return np.broadcast_to(np.arange(k), values.shape).copy()
+    best = np.argpartition(values, num - k, axis=1)[:, num - k:]
+    kth = np.take_along_axis(values, best, axis=1).min(axis=1)
+    tied = np.flatnonzero((values >= kth[:, None]).sum(axis=1) > k)
+    if tied.size:
+        labels = np.broadcast_to(labels, values.shape)[tied]
+        best[tied] = np.lexsort((labels, -values[tied]), axis=1)[:, :k]
+    return best
 
 
 def _above(scores, thresholds):
     """(queries, rows, scores) of the entries of `scores` (rows, Q) above their query's threshold.
+
+    Strictly above: a score equal to the k-th best comes from a later, so higher, row than those
+    already kept, which win ties.
 
     One vectorised pass takes each query's maximum over each of ROW_GROUPS groups of rows (a
     reduction over the middle axis of (groups, rows, Q): one elementwise maximum per row, along
@@ -276,7 +307,8 @@ def _above(scores, thresholds):
 
 
 def _sorted(rows, scores):
-    order = np.argsort(-scores, axis=1, kind="stable")
+    """`rows` and `scores` (Q, k) by decreasing score, equal scores by increasing row."""
+    order = np.lexsort((rows, -scores), axis=1)
     return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 

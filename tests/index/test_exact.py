@@ -258,3 +258,44 @@ def test_a_search_cheaper_than_one_task_leaves_the_blas_threads_alone(rng, monke
     monkeypatch.setattr(exact, "MIN_TASK", 1)
     with pytest.raises(AssertionError, match="small search"):
         exact_search(gallery, queries, 5, threads=2)
+
+
+def tied(rng, n, dim=8, distinct=6):
+    """`n` rows drawn from `distinct` vectors of multiples of 1/4: every inner product with such
+    queries is exact in float32 whatever the order of the sums, so equal rows score exactly equal."""
+    prototypes = rng.integers(-4, 5, size=(distinct, dim)).astype(np.float32) / 4
+    return prototypes[rng.integers(0, distinct, n)]
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n, k, num_queries", [(40, 5, 3), (40, 40, 2), (3000, 10, 1), (3000, 25, 70),
+                                               (9000, 300, 20), (2000, 2000, 2)])
+def test_ties_come_back_lowest_row_first_on_every_path(rng, monkeypatch, blocked, threads, n, k, num_queries):
+    gallery, queries = tied(rng, n), tied(rng, num_queries)
+    if blocked:  # small blocks and tasks: several ranges, threads and merges meet the ties
+        monkeypatch.setattr(exact, "MIN_TASK", 1)
+        found = exact_search(gallery, queries, k, threads=threads, query_block=16, score_block=16 * 256)
+    else:
+        found = exact_search(gallery, queries, k, threads=threads)
+    expected_rows, expected_scores = reference_top_k(gallery, queries, k)  # a stable sort: lowest row first
+    np.testing.assert_array_equal(found[1], expected_scores.astype(np.float32))
+    np.testing.assert_array_equal(found[0], expected_rows)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_index_ties_follow_the_storage_order_after_upserts_and_deletes(rng, monkeypatch, blocked):
+    if blocked:
+        monkeypatch.setattr(exact, "MIN_TASK", 1)
+    gallery = tied(rng, 2500, distinct=3)
+    index = ExactIndex(threads=2).build(gallery, [f"g{i}" for i in range(2500)])
+    index.delete([f"g{i}" for i in range(0, 2500, 7)])  # the last rows move into the holes
+    index.upsert([f"n{i}" for i in range(40)] + ["g3"], tied(rng, 41, distinct=3))
+    queries = tied(rng, 30, distinct=3)
+    for k in (1, 10, 200, len(index), len(index) + 5):
+        ids, scores = index.search(queries, k=k)
+        rows, expected = reference_top_k(index.embeddings, queries, min(k, len(index)))
+        np.testing.assert_array_equal(scores, expected.astype(np.float32))
+        np.testing.assert_array_equal(ids, index.ids[rows])
+        one_ids, _ = index.search(queries[4], k=k)
+        np.testing.assert_array_equal(one_ids[0], ids[4])
