@@ -136,6 +136,8 @@ def cmd_serve(args):
         num_batch_threads=args.num_batch_threads) if args.batching else False
     server = serving.serve(args.model_dir, model_name=args.model_name, host=args.host, port=args.port,
                            batching=batching, index_dir=args.index_dir,
+                           limits=serving.Limits(max_pixels_per_request=args.max_pixels_per_request
+                                                 or serving.Limits.max_pixels_per_request),
                            intra_op_parallelism=args.intra_op_parallelism)
     print(f"fgkeras serve: {args.model_dir} on {server.address} (SIGTERM or Ctrl-C stops)", flush=True)
     server.wait()
@@ -206,6 +208,8 @@ def build_parser():
     serve.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                        help="server-side dynamic batching (default: on)")
     serve.add_argument("--max-batch-size", type=int, default=32)
+    serve.add_argument("--max-pixels-per-request", type=int, help="most pixels the images of one request may decode "
+                       "to, frames of animations included (default: 16 x 4096 x 4096)")
     serve.add_argument("--batch-timeout-micros", type=int, default=0)
     serve.add_argument("--num-batch-threads", type=int,
                        help="batches run at once (default: the CPUs divided by the intra-op threads)")

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from fgkeras.data.core import decode_image, resize_and_pad
+from fgkeras.export.image_formats import IMAGE_FORMATS, SIGNATURE_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ SEARCH_SIGNATURE = "search"
 FLAVOURS = ("exact", "scann")
 SCANN_NAMESPACE = "Scann"
 
-# First bytes of the formats `tf.io.decode_image` reads; WebP is "RIFF" + 4 size bytes + "WEBP".
-_MAGIC_PREFIXES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-
 
 def _check_image_size(image_size):
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
@@ -58,14 +56,14 @@ def _check_image_size(image_size):
 
 
 def _is_known_image_format(contents):
-    """True where the bytes start like a JPEG, PNG, GIF, BMP or WebP file."""
-    contents = tf.strings.join([contents, b"\0" * 12])  # substr needs the positions to exist
-    known = tf.reduce_any(
-        tf.stack([tf.strings.substr(contents, 0, len(magic)) == magic for magic in _MAGIC_PREFIXES])
-    )
-    webp = tf.logical_and(tf.strings.substr(contents, 0, 4) == b"RIFF",
-                          tf.strings.substr(contents, 8, 4) == b"WEBP")
-    return tf.logical_or(known, webp)
+    """True where the bytes start like one of `image_formats.IMAGE_FORMATS` (the server's table)."""
+    contents = tf.strings.join([contents, b"\0" * SIGNATURE_LENGTH])  # substr needs the positions to exist
+    matches = [
+        tf.reduce_all(tf.stack([tf.strings.substr(contents, offset, len(magic)) == magic
+                                for offset, magic in image_format.signatures]))
+        for image_format in IMAGE_FORMATS
+    ]
+    return tf.reduce_any(tf.stack(matches))
 
 
 def decode_batch(images, image_size):

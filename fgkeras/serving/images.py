@@ -1,17 +1,35 @@
-"""Encoded-image checks before anything is decoded: format, dimensions from the file header.
+"""Encoded-image checks before anything is decoded: format, dimensions and frames from the file.
 
-`image_header(data)` reads the width and height that a JPEG, PNG, GIF, BMP or WebP file declares
-(the formats `tf.io.decode_image` reads) from its first bytes, so an image whose pixels would not
-fit the server's limits — a few kilobytes of PNG can declare 60,000 × 60,000 pixels — is refused
-before a decoder allocates anything, and bytes that are not an image get a message that says so
-rather than a decoder's.
+`image_header(data)` reads what a JPEG, PNG, GIF, BMP or WebP file (the formats
+`tf.io.decode_image` reads, `fgkeras.export.image_formats`) declares — its width, height and,
+for an animation, its number of frames — so an image whose pixels would not fit the server's
+limits is refused before a decoder allocates anything, and bytes that are not an image get a
+message that says so rather than a decoder's. A few kilobytes can declare billions of pixels:
+
+- a PNG, JPEG, BMP or WebP header states any width and height up to 2^31 (2^14 for WebP);
+- a GIF's logical screen says little: TensorFlow's GIF decoder (giflib's `DGifSlurp`) first
+  decompresses every frame at the frame's *own* size, then paints each one on a screen-sized
+  canvas. A 1 x 1 screen can hold a 46,000 x 46,000 frame (2 GB of raster from ~10 KB of LZW
+  data), and 16 MiB holds ~2,700 frames of 4096 x 4096 (16 MiB of raster each, all kept).
+
+So every GIF frame is read: it must lie inside the logical screen (legitimate encoders never
+write a frame that sticks out; TensorFlow would clip it after decompressing it whole), and the
+frames are counted. Animated GIFs are accepted — the exported signatures decode their first
+frame (`decode_image(expand_animations=False)`) — but an animation costs what the decoder may
+materialise, *frames × screen* pixels (`ImageHeader.pixels`), which is what the per-image and
+per-request pixel limits are checked against, and it may have at most `max_frames` frames.
+Animated WebPs are refused: TensorFlow decodes a WebP animation to RGBA only, so the export's
+3-channel `decode_image` fails on every one of them.
 """
 
 import struct
+import typing
 
 import numpy as np
 
-FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
+from fgkeras.export.image_formats import FORMAT_NAMES, format_of, names_text
+
+FORMATS = FORMAT_NAMES
 
 # JPEG start-of-frame markers (they carry the dimensions): C0–CF except DHT (C4), JPG (C8), DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -23,47 +41,74 @@ class ImageError(ValueError):
     """Bytes that are not an encoded image of a known format, or whose header is damaged."""
 
 
+class ImageHeader(typing.NamedTuple):
+    """What an encoded image declares.
+
+    Attributes:
+        format: one of `FORMATS`.
+        width, height: of the image (of the canvas, for an animation).
+        frames: 1, or the frames of an animated GIF.
+    """
+
+    format: str
+    width: int
+    height: int
+    frames: int = 1
+
+    @property
+    def pixels(self):
+        """Pixels a decoder may materialise: frames × width × height."""
+        return self.frames * self.width * self.height
+
+
 def image_header(data):
-    """`(format, width, height)` as declared by the header of an encoded image.
+    """The `ImageHeader` of encoded image bytes (every frame of a GIF is read).
 
     Raises:
         ImageError: empty, not one of `FORMATS`, or the header is truncated or malformed.
     """
     if not data:
         raise ImageError("is empty (0 bytes)")
-    if data[:3] == b"\xff\xd8\xff":
-        return ("JPEG", *_jpeg_size(data))
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
+    kind = format_of(data)
+    if kind == "JPEG":
+        return ImageHeader("JPEG", *_jpeg_size(data))
+    if kind == "PNG":
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise ImageError(f"is a truncated or malformed PNG ({len(data)} bytes, no IHDR header)")
         width, height = struct.unpack(">II", data[16:24])
-        return "PNG", width, height
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        if len(data) < 10:
-            raise ImageError(f"is a truncated GIF ({len(data)} bytes)")
-        width, height = struct.unpack("<HH", data[6:10])
-        return "GIF", width, height
-    if data[:2] == b"BM":
-        return ("BMP", *_bmp_size(data))
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ("WebP", *_webp_size(data))
-    raise ImageError(f"is not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image "
-                     f"({len(data)} bytes starting {bytes(data[:8])!r})")
+        return ImageHeader("PNG", width, height)
+    if kind == "GIF":
+        return _gif_header(data)
+    if kind == "BMP":
+        return ImageHeader("BMP", *_bmp_size(data))
+    if kind == "WebP":
+        return _webp_header(data)
+    raise ImageError(f"is not a {names_text()} image ({len(data)} bytes starting {bytes(data[:8])!r})")
 
 
-def check_image(data, max_side, max_pixels):
-    """Checks one encoded image against the limits; returns `(format, width, height)`.
+def check_image(data, max_side, max_pixels, max_frames=1000):
+    """Checks one encoded image against the limits; returns its `ImageHeader`.
+
+    Args:
+        data: the encoded bytes.
+        max_side: largest width or height (of every frame).
+        max_pixels: largest `ImageHeader.pixels` (frames × width × height).
+        max_frames: most frames of an animation.
 
     Raises:
-        ImageError: as `image_header`, or a dimension is 0 or over the limits.
+        ImageError: as `image_header`, or a dimension is 0, or it is over the limits.
     """
-    kind, width, height = image_header(data)
+    header = image_header(data)
+    kind, width, height, frames = header
     if width < 1 or height < 1:
         raise ImageError(f"is a {kind} declaring {width} x {height} pixels")
-    if max(width, height) > max_side or width * height > max_pixels:
-        raise ImageError(f"is a {width} x {height} {kind}; the server takes at most {max_side} pixels a side "
-                         f"and {max_pixels} pixels in all")
-    return kind, width, height
+    if frames > max_frames:
+        raise ImageError(f"is an animated {kind} of {frames} frames; the server takes at most {max_frames}")
+    if max(width, height) > max_side or header.pixels > max_pixels:
+        shape = f"{width} x {height} {kind}" if frames == 1 else f"{width} x {height} {kind} of {frames} frames"
+        raise ImageError(f"is a {shape} ({header.pixels} pixels decoded); the server takes at most {max_side} "
+                         f"pixels a side and {max_pixels} pixels in all")
+    return header
 
 
 def _jpeg_size(data):
@@ -95,6 +140,50 @@ def _jpeg_size(data):
     raise ImageError(f"is a truncated JPEG ({len(data)} bytes, the header ends before the frame size)")
 
 
+def _gif_header(data):
+    """Walks a GIF's blocks: the screen, then every frame's descriptor (their LZW data is skipped)."""
+    end = len(data)
+    if end < 13:
+        raise ImageError(f"is a truncated GIF ({end} bytes)")
+    width, height, flags = struct.unpack("<HHB", data[6:11])
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    frames = 0
+    while True:
+        if position >= end:
+            raise ImageError(f"is a truncated GIF ({end} bytes, no trailer after {frames} frame(s))")
+        block = data[position]
+        if block == 0x3B:  # trailer
+            break
+        if block == 0x21:  # extension: a label, then data sub-blocks
+            position = _skip_sub_blocks(data, position + 2, frames)
+        elif block == 0x2C:  # image descriptor: a frame
+            if position + 10 > end:
+                raise ImageError(f"is a truncated GIF ({end} bytes, inside the descriptor of frame {frames})")
+            left, top, frame_width, frame_height, frame_flags = struct.unpack("<HHHHB", data[position + 1:position + 10])
+            if left + frame_width > width or top + frame_height > height:
+                raise ImageError(f"is a GIF whose frame {frames} ({frame_width} x {frame_height} at {left}, {top}) "
+                                 f"does not fit its {width} x {height} screen")
+            frames += 1
+            position += 10 + (3 << ((frame_flags & 7) + 1) if frame_flags & 0x80 else 0)
+            position = _skip_sub_blocks(data, position + 1, frames)  # after the LZW minimum code size
+        else:
+            raise ImageError(f"is a malformed GIF (block 0x{block:02x} at byte {position})")
+    if frames == 0:
+        raise ImageError("is a GIF without any frame")
+    return ImageHeader("GIF", width, height, frames)
+
+
+def _skip_sub_blocks(data, position, frames):
+    """The position after a chain of GIF data sub-blocks (size byte, data) ending with size 0."""
+    end = len(data)
+    while position < end:
+        size = data[position]
+        position += 1 + size
+        if size == 0:
+            return position
+    raise ImageError(f"is a truncated GIF ({end} bytes, ending inside a data block; {frames} frame(s) begun)")
+
+
 def _bmp_size(data):
     if len(data) < 26:
         raise ImageError(f"is a truncated BMP ({len(data)} bytes)")
@@ -106,22 +195,25 @@ def _bmp_size(data):
     return width, abs(height)  # a negative height is a top-down bitmap
 
 
-def _webp_size(data):
+def _webp_header(data):
     chunk = data[12:16]
     if chunk == b"VP8 " and len(data) >= 30:
         if data[23:26] != b"\x9d\x01\x2a":
             raise ImageError("is a malformed WebP (bad VP8 start code)")
         width, height = struct.unpack("<HH", data[26:30])
-        return width & 0x3FFF, height & 0x3FFF
+        return ImageHeader("WebP", width & 0x3FFF, height & 0x3FFF)
     if chunk == b"VP8L" and len(data) >= 25:
         if data[20] != 0x2F:
             raise ImageError("is a malformed WebP (bad VP8L signature)")
         (bits,) = struct.unpack("<I", data[21:25])
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return ImageHeader("WebP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
     if chunk == b"VP8X" and len(data) >= 30:
         width = int.from_bytes(data[24:27], "little") + 1
         height = int.from_bytes(data[27:30], "little") + 1
-        return width, height
+        if data[20] & 0x02:
+            raise ImageError(f"is an animated WebP ({width} x {height}), which the exported signatures cannot decode "
+                             "(TensorFlow decodes WebP animations to RGBA only); send one frame")
+        return ImageHeader("WebP", width, height)
     raise ImageError(f"is a truncated or malformed WebP ({len(data)} bytes)")
 
 

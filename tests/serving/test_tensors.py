@@ -5,7 +5,7 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from fgkeras.serving import ServingError
-from fgkeras.serving.images import ImageError, check_image, encode_png, image_header
+from fgkeras.serving.images import encode_png
 from fgkeras.serving.tensors import make_proto, to_ndarray
 
 
@@ -65,53 +65,6 @@ def test_unsupported_dtype_and_out_of_range_values():
     proto.tensor_shape.dim.add().size = 1
     with pytest.raises(ServingError, match="out of the range"):
         to_ndarray(proto, "x", 10)
-
-
-def _sizes():
-    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
-    return {
-        "PNG": tf.io.encode_png(pixels).numpy(),
-        "JPEG": tf.io.encode_jpeg(pixels).numpy(),
-        "progressive JPEG": tf.io.encode_jpeg(pixels, progressive=True).numpy(),
-        "GIF": b"GIF89a" + (50).to_bytes(2, "little") + (30).to_bytes(2, "little") + b"\0" * 8,
-        "BMP": b"BM" + b"\0" * 12 + (40).to_bytes(4, "little") + (50).to_bytes(4, "little")
-               + (-30).to_bytes(4, "little", signed=True) + b"\0" * 30,
-        "WebP": b"RIFF\0\0\0\0WEBPVP8X" + b"\0" * 8 + (49).to_bytes(3, "little") + (29).to_bytes(3, "little"),
-    }
-
-
-@pytest.mark.parametrize("kind", list(_sizes()))
-def test_image_header_reads_width_and_height(kind):
-    assert image_header(_sizes()[kind])[1:] == (50, 30)
-
-
-def test_image_header_matches_the_decoder_on_real_files():
-    for seed, shape in enumerate([(7, 300, 3), (300, 7, 1), (64, 65, 3)]):
-        pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-        for data in (tf.io.encode_png(pixels).numpy(), tf.io.encode_jpeg(pixels).numpy()):
-            decoded = tf.io.decode_image(data).shape
-            assert image_header(data)[1:] == (decoded[1], decoded[0])
-
-
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty"),
-    (b"hello world", "is not a JPEG"),
-    (b"\x89PNG\r\n\x1a\n\0\0", "truncated or malformed PNG"),
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "truncated JPEG"),
-    (b"\xff\xd8\xff\xda\x00\x08", "no frame header"),
-])
-def test_image_header_refuses_non_images_and_damaged_headers(data, message):
-    with pytest.raises(ImageError, match=message):
-        image_header(data)
-
-
-def test_check_image_limits_dimensions():
-    bomb = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + (60000).to_bytes(4, "big") + (60000).to_bytes(4, "big")
-    with pytest.raises(ImageError, match="60000 x 60000"):
-        check_image(bomb, max_side=4096, max_pixels=1 << 24)
-    assert check_image(_sizes()["PNG"], max_side=50, max_pixels=1500)[0] == "PNG"
-    with pytest.raises(ImageError, match="at most 49 pixels a side"):
-        check_image(_sizes()["PNG"], max_side=49, max_pixels=1500)
 
 
 def test_encode_png_checks_arrays():
