@@ -10,6 +10,7 @@ list of payloads as one batch (`run_many`), which is what the batch scheduler ca
 """
 
 import dataclasses
+import math
 
 import grpc
 import numpy as np
@@ -106,31 +107,40 @@ class Signature:
             if extra:
                 parts.append(f"unexpected {extra}")
             raise invalid_argument("; ".join(parts))
-        payload, rows = {}, None
+        # Every input's dtype, shape, batch size and bytes are checked from the protos before any is read.
+        shapes, rows = {}, None
         for key in sorted(keys):
-            array = self._parse_input(key, request_inputs[key], limits)
-            payload[key] = array
+            shape = shapes[key] = self._check_proto(key, request_inputs[key], limits)
             if key in self._batched_inputs:
-                if rows is not None and len(array) != rows:
+                if rows is not None and shape[0] != rows:
                     raise invalid_argument(f"the inputs of signature {self.name!r} must have the same batch size; "
-                                           f"{key!r} has {len(array)}, another has {rows}")
-                rows = len(array)
+                                           f"{key!r} has {shape[0]}, another has {rows}")
+                rows = shape[0]
         if rows == 0:
             raise invalid_argument(f"the request to signature {self.name!r} is an empty batch")
+        payload = {key: self._parse_input(key, request_inputs[key], limits) for key in sorted(keys)}
         return payload, rows or 1
 
-    def _parse_input(self, key, proto, limits):
+    def _check_proto(self, key, proto, limits):
+        """The declared shape of input `key`, after checking its dtype, shape, batch size and bytes."""
         dtype, dims = self.inputs[key]
         if proto.dtype != dtype:
             raise invalid_argument(f"input {key!r} of signature {self.name!r} must be {tensors.dtype_name(dtype)}; "
                                    f"received {tensors.dtype_name(proto.dtype)}")
-        array = tensors.to_ndarray(proto, key, max_elements=limits.max_request_bytes)
-        if dims is not None and (array.ndim != len(dims) or any(d >= 0 and d != s for d, s in zip(dims, array.shape))):
+        shape = tensors.shape_of(proto, key)
+        if dims is not None and (len(shape) != len(dims) or any(d >= 0 and d != s for d, s in zip(dims, shape))):
             raise invalid_argument(f"input {key!r} of signature {self.name!r} must have shape {_shape_text(dims)}; "
-                                   f"received {list(array.shape)}")
-        if key in self._batched_inputs and array.ndim and len(array) > limits.max_request_batch_size:
-            raise invalid_argument(f"a batch of {len(array)} exceeds the server's max_request_batch_size of "
+                                   f"received {list(shape)}")
+        if key in self._batched_inputs and shape and shape[0] > limits.max_request_batch_size:
+            raise invalid_argument(f"a batch of {shape[0]} exceeds the server's max_request_batch_size of "
                                    f"{limits.max_request_batch_size}")
+        tensors.check_size(proto, key, shape, limits.max_request_bytes)
+        return shape
+
+    def _parse_input(self, key, proto, limits):
+        """The array of input `key` (its proto already passed `_check_proto`), images checked."""
+        dtype, _ = self.inputs[key]
+        array = tensors.to_ndarray(proto, key, max_elements=limits.max_request_bytes)
         if is_image_input(key, dtype):
             check_images(array, key, limits)
         return array
@@ -261,17 +271,21 @@ class LiveSearchSignature(Signature):
         """The version whose embeddings and index answer this version's searches."""
         return self._inventory.answering(self.version)
 
-    def _parse_input(self, key, proto, limits):
+    def _check_proto(self, key, proto, limits):
         if key != "k":
-            return super()._parse_input(key, proto, limits)
+            return super()._check_proto(key, proto, limits)
         if proto.dtype not in (types_pb2.DT_INT32, types_pb2.DT_INT64):
             raise invalid_argument(f"input 'k' of signature 'search' must be DT_INT32 (or DT_INT64); received "
                                    f"{tensors.dtype_name(proto.dtype)}")
-        array = tensors.to_ndarray(proto, key, max_elements=1)
-        if array.size != 1:
-            raise invalid_argument("input 'k' of signature 'search' must be a scalar; received shape "
-                                   f"{list(array.shape)}")
-        k = int(array.reshape(()))
+        shape = tensors.shape_of(proto, key)
+        if math.prod(shape) != 1:
+            raise invalid_argument(f"input 'k' of signature 'search' must be a scalar; received shape {list(shape)}")
+        return shape
+
+    def _parse_input(self, key, proto, limits):
+        if key != "k":
+            return super()._parse_input(key, proto, limits)
+        k = int(tensors.to_ndarray(proto, key, max_elements=1).reshape(()))
         if not 1 <= k <= limits.max_k:
             raise invalid_argument(f"input 'k' of signature 'search' must be in [1, {limits.max_k}]; received {k}")
         return k

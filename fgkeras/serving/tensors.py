@@ -8,6 +8,10 @@ Inputs are checked as TF Serving's C++ `Tensor::FromProto` would reject them —
 strictly: the number of values must equal the number of elements of the declared shape (TF fills
 missing values with the last one; a client that meant that is rare, and one that did not gets a
 wrong answer).
+
+Nothing is materialised before it is known to fit: `shape_of` and `check_size` read the declared
+shape and the proto's own field sizes (no copy), so a caller checks its limits (batch size, bytes)
+before `to_ndarray` builds an array.
 """
 
 import math
@@ -51,6 +55,26 @@ def shape_of(proto, name):
     if any(d < 0 for d in shape):
         raise invalid_argument(f"input {name!r} has a negative dimension in its shape {list(shape)}")
     return shape
+
+
+def check_size(proto, name, shape, max_bytes):
+    """The bytes the array of `proto` (of the declared `shape`) will take; INVALID_ARGUMENT over `max_bytes`.
+
+    Numbers take `elements × itemsize`; strings a pointer each plus their bytes (bounded by the
+    proto's serialized size, which protobuf knows without copying them). Unsupported dtypes are
+    left to `to_ndarray` to refuse.
+    """
+    count = math.prod(shape)
+    if proto.dtype == types_pb2.DT_STRING:
+        size = 8 * count + proto.ByteSize()
+    elif proto.dtype in NUMERIC:
+        size = count * NUMERIC[proto.dtype][0].itemsize
+    else:
+        return 0
+    if size > max_bytes:
+        raise invalid_argument(f"input {name!r} of shape {list(shape)} and dtype {dtype_name(proto.dtype)} takes "
+                               f"{size} bytes; the limit is {max_bytes}")
+    return size
 
 
 def to_ndarray(proto, name, max_elements):

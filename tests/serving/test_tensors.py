@@ -73,3 +73,64 @@ def test_encode_png_checks_arrays():
         encode_png(np.zeros((4, 5, 3), np.float32))
     with pytest.raises(ValueError, match="shape"):
         encode_png(np.zeros((4, 5, 2), np.uint8))
+
+
+def _signature():
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from fgkeras.serving.signatures import PREDICT_METHOD, Signature, tensor_info
+
+    signature_def = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+    signature_def.inputs["images"].CopyFrom(tensor_info("images:0", types_pb2.DT_STRING, [-1]))
+    signature_def.inputs["weights"].CopyFrom(tensor_info("weights:0", types_pb2.DT_FLOAT, [-1, -1]))
+    signature_def.outputs["out"].CopyFrom(tensor_info("out:0", types_pb2.DT_FLOAT, [-1]))
+    return Signature("sig", signature_def)
+
+
+def _declared(dtype, shape, **values):
+    proto = tensor_pb2.TensorProto(dtype=dtype, **values)
+    for size in shape:
+        proto.tensor_shape.dim.add().size = size
+    return proto
+
+
+def test_parse_checks_batch_size_and_bytes_from_the_declared_shape_before_reading_values(monkeypatch):
+    from fgkeras.serving import Limits, tensors
+
+    def must_not_be_called(*args, **kwargs):
+        raise AssertionError("a value was materialised before the limits were checked")
+
+    monkeypatch.setattr(tensors, "to_ndarray", must_not_be_called)
+    signature, limits = _signature(), Limits(max_request_bytes=1 << 20, max_request_batch_size=8)
+    png = encode_png(np.zeros((2, 2, 3), np.uint8))
+    cases = [
+        # 300 rows declared, no value sent: the batch size is what is wrong, and nothing is read
+        ({"images": _declared(types_pb2.DT_STRING, [300]), "weights": _declared(types_pb2.DT_FLOAT, [300, 1])},
+         "a batch of 300 exceeds the server's max_request_batch_size of 8"),
+        # 8 rows of 100,000 floats: 3.2 MB of array for a request of a few bytes
+        ({"images": _declared(types_pb2.DT_STRING, [8], string_val=[png] * 8),
+          "weights": _declared(types_pb2.DT_FLOAT, [8, 100000])}, "takes 3200000 bytes; the limit is 1048576"),
+        ({"images": _declared(types_pb2.DT_STRING, [2], string_val=[png] * 2),
+          "weights": _declared(types_pb2.DT_FLOAT, [3, 1])}, "must have the same batch size"),
+        ({"images": _declared(types_pb2.DT_STRING, [0]), "weights": _declared(types_pb2.DT_FLOAT, [0, 4])},
+         "empty batch"),
+        ({"images": _declared(types_pb2.DT_STRING, [2, 1]), "weights": _declared(types_pb2.DT_FLOAT, [2, 1])},
+         "must have shape [None]"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(ServingError) as error:
+            signature.parse(inputs, limits)
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.message, \
+            error.value.message
+
+
+def test_parse_reads_a_request_that_fits():
+    from fgkeras.serving import Limits
+
+    png = encode_png(np.zeros((2, 2, 3), np.uint8))
+    inputs = {"images": make_proto(np.array([png, png], dtype=object)),
+              "weights": make_proto(np.ones((2, 3), np.float32))}
+    payload, rows = _signature().parse(inputs, Limits())
+    assert rows == 2 and payload["images"].tolist() == [png, png] and payload["weights"].shape == (2, 3)
+    with pytest.raises(ServingError, match="needs 2 string values; it has 1"):
+        _signature().parse({**inputs, "images": _declared(types_pb2.DT_STRING, [2], string_val=[png])}, Limits())
