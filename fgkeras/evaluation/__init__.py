@@ -1,10 +1,13 @@
-"""Retrieval evaluation: metrics (Recall@K, P@k, mAP@k, MAP@R), protocols and batch embedding."""
+"""Retrieval evaluation: metrics (Recall@K, P@k, mAP@k, MAP@R), protocols, batch embedding, and
+model selection on held-out classes during `fit` (`RetrievalEvaluation`)."""
 
+from fgkeras.evaluation.callbacks import RetrievalEvaluation
 from fgkeras.evaluation.embed import embed_dataset
 from fgkeras.evaluation.metrics import retrieval_metrics
 from fgkeras.evaluation.protocols import closed_set, format_table, growing_inventory, open_set
 
 __all__ = [
+    "RetrievalEvaluation",
     "closed_set",
     "embed_dataset",
     "format_table",
