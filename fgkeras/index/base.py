@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 
 import numpy as np
@@ -37,6 +38,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.json"
+# Loads tried in a row when the directory is replaced by another save while it is read.
+LOAD_ATTEMPTS = 3
 
 
 class IndexFormatError(ValueError):
@@ -225,19 +228,37 @@ class Index(abc.ABC):
                 kind, or any file is truncated, changed or malformed. The message names the problem.
         """
         directory = os.path.abspath(os.fspath(directory))
-        manifest = read_manifest(directory, verify=verify)
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            with _IndexFiles(directory) as files:
+                try:
+                    index = cls._load_from(files, verify)
+                    if not files.replaced() or files.pinned:
+                        return index
+                    error = "ScaNN read its assets by path"
+                except IndexFormatError as failure:
+                    if attempt == LOAD_ATTEMPTS or not files.replaced():
+                        raise
+                    error = failure
+            logger.warning("%s was replaced by another save while it was loaded (%s); loading it again",
+                           directory, error)
+        raise IndexFormatError(f"{directory} was replaced by other saves during {LOAD_ATTEMPTS} loads in a row.")
+
+    @classmethod
+    def _load_from(cls, files, verify):
+        """Loads the index of the directory `files` holds open (one version of it, see `_IndexFiles`)."""
+        manifest = _read_files(files, verify)
         kind = manifest["kind"]
         if cls is not Index and kind != cls.kind:
             raise IndexFormatError(
-                f"{directory} holds a {kind!r} index, not {cls.kind!r}: load it with Index.load."
+                f"{files.directory} holds a {kind!r} index, not {cls.kind!r}: load it with Index.load."
             )
         index = Index._kinds[kind]._from_manifest_config(manifest["config"])
         index._metadata = manifest["metadata"]
-        embeddings = _read_embeddings(directory, manifest)
-        ids = _read_ids(directory, manifest)
+        embeddings = _read_embeddings(files, manifest)
+        ids = _read_ids(files, manifest)
         index._storage.reset(embeddings, ids, copy=False)
-        index._load_extra(directory, manifest)
-        logger.info("loaded %s index of %d items from %s", kind, len(index), directory)
+        index._load_extra(files, manifest)
+        logger.info("loaded %s index of %d items from %s", kind, len(index), files.directory)
         return index
 
     def __len__(self):
@@ -322,8 +343,10 @@ class Index(abc.ABC):
     def _save_extra(self, directory):
         """Writes the kind's own files into the staging `directory`."""
 
-    def _load_extra(self, directory, manifest):
-        """Restores the kind's own structures after the storage was loaded."""
+    def _load_extra(self, files, manifest):
+        """Restores the kind's own structures after the storage was loaded, from `files` (an
+        `_IndexFiles`: `files.read(relative)` gives the checked bytes of a listed file,
+        `files.directory_of(folder, names)` a directory of them for a library that opens files by name)."""
         self._on_build()
 
     def _write_embeddings(self, path):
@@ -522,19 +545,111 @@ def _check_matrix(x, name, dim, rows=None, allow_vector=False):
 # ---------------------------------------------------------------------- files
 
 
+class _IndexFiles:
+    """One version of an index directory, each file opened once, then checked and read from that handle.
+
+    `save` swaps a new version in by renaming directories and never changes a file in place, so a
+    save that lands while an index is loaded cannot mix its files in: every file is opened relative
+    to the directory handle opened first, and an open file stays readable when that version is
+    removed. (A version removed before its files were opened shows them missing; `replaced()` then
+    tells `load` to read the new one.) ScaNN opens its assets by name: `directory_of` gives it a
+    private directory of links to the handles (`/proc/self/fd`); where those do not exist (`pinned`
+    is False), the plain path, and `load` checks afterwards that the directory was not replaced.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        try:
+            self._fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            raise IndexFormatError(f"no index at {directory}: not a directory.") from None
+        status = os.fstat(self._fd)
+        self._identity = (status.st_dev, status.st_ino)
+        self._files = {}
+        self._links = []
+        self._relative_open = os.open in os.supports_dir_fd
+        self.pinned = self._relative_open and os.path.isdir(f"/proc/self/fd/{self._fd}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        for folder in self._links:
+            shutil.rmtree(folder, ignore_errors=True)
+        for f in self._files.values():
+            f.close()
+        self._files, self._links = {}, []
+        os.close(self._fd)
+
+    def open(self, relative):
+        """The open binary file `relative` (a "/"-separated path inside the directory), at offset 0;
+        opened once. Raises IndexFormatError when it is missing or not a regular file."""
+        f = self._files.get(relative)
+        if f is None:
+            try:
+                if self._relative_open:
+                    fd = os.open(relative, os.O_RDONLY, dir_fd=self._fd)
+                else:
+                    fd = os.open(os.path.join(self.directory, *relative.split("/")), os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                fd = None
+            if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                fd = None
+            if fd is None:
+                if relative == MANIFEST:
+                    raise IndexFormatError(
+                        f"{self.directory} has no {MANIFEST}: not an fgkeras index, or a save that never "
+                        "completed."
+                    )
+                raise IndexFormatError(f"{relative} is missing from {self.directory}: the index is incomplete.")
+            f = self._files[relative] = os.fdopen(fd, "rb")
+        f.seek(0)
+        return f
+
+    def read(self, relative):
+        """The bytes of `relative`, from its one handle."""
+        return self.open(relative).read()
+
+    def size(self, relative):
+        return os.fstat(self.open(relative).fileno()).st_size
+
+    def directory_of(self, folder, names):
+        """A directory holding `names` (files of `folder`, inside the index) as they were checked:
+        a private directory of links to their handles when `pinned`, else the folder's plain path."""
+        if not self.pinned:
+            return os.path.join(self.directory, *folder.split("/"))
+        links = tempfile.mkdtemp(prefix="fgkeras-index-")
+        self._links.append(links)
+        for name in names:
+            os.symlink(f"/proc/self/fd/{self.open(f'{folder}/{name}').fileno()}", os.path.join(links, name))
+        return links
+
+    def replaced(self):
+        """True when `directory` no longer names the directory held open (another save swapped it)."""
+        try:
+            status = os.stat(self.directory)
+        except OSError:
+            return True
+        return (status.st_dev, status.st_ino) != self._identity
+
+
 def read_manifest(directory, verify=True):
     """The checked manifest of an index directory: every listed file present, of the listed size
     and (with `verify`) SHA-256. Raises `IndexFormatError` naming the problem."""
-    if not os.path.isdir(directory):
-        raise IndexFormatError(f"no index at {directory}: not a directory.")
+    with _IndexFiles(os.path.abspath(os.fspath(directory))) as files:
+        return _read_files(files, verify)
+
+
+def _read_files(files, verify):
+    """The manifest of the directory `files` holds open, every listed file checked from its handle."""
+    directory = files.directory
     path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise IndexFormatError(
-            f"{directory} has no {MANIFEST}: not an fgkeras index, or a save that never completed."
-        )
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = json.loads(files.read(MANIFEST).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise IndexFormatError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -561,40 +676,38 @@ def read_manifest(directory, verify=True):
     manifest.setdefault("metadata", {})  # manifests written before metadata existed
     if not isinstance(manifest["metadata"], dict):
         raise IndexFormatError(f"{path}: `metadata` must be an object. Received {manifest['metadata']!r:.80}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or EMBEDDINGS_FILE not in files or IDS_FILE not in files:
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or EMBEDDINGS_FILE not in listed or IDS_FILE not in listed:
         raise IndexFormatError(f"{path}: `files` must list {EMBEDDINGS_FILE} and {IDS_FILE}.")
-    for relative, entry in files.items():
-        _check_listed_file(directory, relative, entry, verify)
+    for relative, entry in listed.items():
+        _check_listed_file(files, relative, entry, verify)
     return manifest
 
 
-def _check_listed_file(directory, relative, entry, verify):
+def _check_listed_file(files, relative, entry, verify):
+    directory = files.directory
     parts = relative.split("/")
     if os.path.isabs(relative) or any(p in ("", ".", "..") for p in parts):
         raise IndexFormatError(f"manifest lists a file outside the index directory: {relative!r}")
     if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
         raise IndexFormatError(f"manifest entry of {relative!r} must have int `bytes` and str `sha256`.")
-    path = os.path.join(directory, *parts)
-    if not os.path.isfile(path):
-        raise IndexFormatError(f"{relative} is missing from {directory}: the index is incomplete.")
-    size = os.path.getsize(path)
+    size = files.size(relative)
     if size != entry["bytes"]:
         raise IndexFormatError(
             f"{relative} in {directory} is {size} bytes, the manifest says {entry['bytes']}: "
             "truncated, or changed after saving."
         )
-    if verify and _sha256(path) != entry["sha256"]:
+    if verify and _sha256_of(files.open(relative)) != entry["sha256"]:
         raise IndexFormatError(
             f"{relative} in {directory} does not match its SHA-256 in the manifest: corrupted, or changed "
             "after saving."
         )
 
 
-def _read_embeddings(directory, manifest):
-    path = os.path.join(directory, EMBEDDINGS_FILE)
+def _read_embeddings(files, manifest):
+    directory = files.directory
     try:
-        embeddings = np.load(path, allow_pickle=False)
+        embeddings = np.lib.format.read_array(files.open(EMBEDDINGS_FILE), allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
         raise IndexFormatError(f"{EMBEDDINGS_FILE} in {directory} is not a readable .npy array: {error}") from None
     expected = (manifest["count"], manifest["dim"])
@@ -608,11 +721,10 @@ def _read_embeddings(directory, manifest):
     return embeddings
 
 
-def _read_ids(directory, manifest):
-    path = os.path.join(directory, IDS_FILE)
+def _read_ids(files, manifest):
+    directory = files.directory
     try:
-        with open(path, encoding="utf-8") as f:
-            ids = json.load(f)
+        ids = json.loads(files.read(IDS_FILE).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise IndexFormatError(f"{IDS_FILE} in {directory} is not a UTF-8 JSON list: {error}") from None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -632,11 +744,16 @@ def _write_json(path, value):
                   indent=None if isinstance(value, list) else 1, allow_nan=False)
 
 
-def _sha256(path, block=1 << 22):
-    digest = hashlib.sha256()
+def _sha256(path):
     with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
+        return _sha256_of(f)
+
+
+def _sha256_of(f, block=1 << 22):
+    """The hex SHA-256 of what is left to read in the binary file `f`."""
+    digest = hashlib.sha256()
+    while chunk := f.read(block):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -727,15 +727,17 @@ class ScannIndex(Index, kind="scann"):
         # would add a pickle of doc ids, which we never write nor read).
         self._searcher.serialize(assets, True)
 
-    def _load_extra(self, directory, manifest):
+    def _load_extra(self, files, manifest):
         config = manifest["config"]
         self._mutations = config.get("mutations", 0)
         self._trained_size = config.get("trained_size", len(self))
         if not config.get("scann_assets") or len(self) == 0:
             self._build_searcher()
             return
-        assets = os.path.join(directory, ASSETS_DIR)
-        pbtxt = _checked_assets(assets, manifest)
+        pbtxt = _checked_assets(files, manifest)
+        prefix = f"{ASSETS_DIR}/"
+        assets = files.directory_of(ASSETS_DIR, [name[len(prefix):] for name in manifest["files"]
+                                                 if name.startswith(prefix) and "/" not in name[len(prefix):]])
         try:
             searcher = _load_scann(assets, pbtxt)
         except RuntimeError as error:
@@ -758,19 +760,19 @@ def _load_scann(assets, pbtxt):
     return scann_pybind.ScannNumpy(assets, pbtxt)
 
 
-def _checked_assets(assets, manifest):
-    """ScaNN's asset list, accepted only when it names plain files of this directory that the
-    manifest lists (so they were checked) and none is a pickle."""
+def _checked_assets(files, manifest):
+    """ScaNN's asset list (from the index's `_IndexFiles`), accepted only when it names plain files
+    of this directory that the manifest lists (so they were checked) and none is a pickle."""
     from google.protobuf import text_format
     from scann.scann_ops import scann_assets_pb2
 
-    path = os.path.join(assets, "scann_assets.pbtxt")
+    relative = f"{ASSETS_DIR}/scann_assets.pbtxt"
+    path = os.path.join(files.directory, ASSETS_DIR, "scann_assets.pbtxt")
     listed = set(manifest["files"])
-    if f"{ASSETS_DIR}/scann_assets.pbtxt" not in listed:
-        raise IndexFormatError(f"the manifest does not list {ASSETS_DIR}/scann_assets.pbtxt.")
+    if relative not in listed:
+        raise IndexFormatError(f"the manifest does not list {relative}.")
     try:
-        with open(path, encoding="utf-8") as f:
-            message = text_format.Parse(f.read(), scann_assets_pb2.ScannAssets())
+        message = text_format.Parse(files.read(relative).decode("utf-8"), scann_assets_pb2.ScannAssets())
     except (OSError, UnicodeDecodeError, text_format.ParseError) as error:
         raise IndexFormatError(f"{path} is not a ScaNN asset list: {error}") from None
     for asset in message.assets:

@@ -197,3 +197,70 @@ def test_empty_index_round_trip(tmp_path, make):
     assert loaded.search(np.ones((2, 6), np.float32), k=3)[0].shape == (2, 0)
     loaded.upsert(["a"], np.ones((1, 6), np.float32) / np.sqrt(6))
     assert loaded.search(np.ones(6, np.float32), k=3)[0].tolist() == [["a"]]
+
+
+def two_versions(kind, rng):
+    """Two indexes of one kind and size whose ids, vectors and ScaNN assets all differ."""
+    first = KINDS[kind]().build(unit(rng.normal(size=(900, 24))), [f"v1/{i}" for i in range(900)])
+    second = KINDS[kind]().build(unit(rng.normal(size=(900, 24))), [f"v2/{i}" for i in range(900)])
+    return first, second
+
+
+def assert_same_index(loaded, index, queries):
+    np.testing.assert_array_equal(loaded.ids, index.ids)
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+    np.testing.assert_array_equal(loaded.search(queries, k=10)[0], index.search(queries, k=10)[0])
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_save_between_verification_and_loading_gives_one_whole_version(kind, pinned, rng, tmp_path, monkeypatch):
+    first, second = two_versions(kind, rng)
+    if not pinned:  # as without /proc: ScaNN reads its assets by path, and a replaced version is read again
+        held = base._IndexFiles.__init__
+
+        def unpinned(self, directory):
+            held(self, directory)
+            self.pinned = False
+
+        monkeypatch.setattr(base._IndexFiles, "__init__", unpinned)
+    first.metadata, second.metadata = {"version": 1}, {"version": 2}
+    queries = unit(rng.normal(size=(20, 24)))
+    first.save(tmp_path / "ix")
+    read_embeddings, swapped = base._read_embeddings, []
+
+    def swap_then_read(*args, **kwargs):  # every file was checked: another save lands now
+        if not swapped:
+            second.save(tmp_path / "ix")
+            swapped.append(True)
+        return read_embeddings(*args, **kwargs)
+
+    monkeypatch.setattr(base, "_read_embeddings", swap_then_read)
+    loaded = Index.load(tmp_path / "ix")
+    assert swapped
+    whole = first if pinned else second
+    assert_same_index(loaded, whole, queries)
+    assert loaded.metadata == whole.metadata
+    monkeypatch.undo()
+    again = Index.load(tmp_path / "ix")
+    assert_same_index(again, second, queries)
+    assert again.metadata == {"version": 2}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_version_removed_while_loading_is_read_again_from_the_new_one(kind, rng, tmp_path, monkeypatch):
+    first, second = two_versions(kind, rng)
+    queries = unit(rng.normal(size=(20, 24)))
+    first.save(tmp_path / "ix")
+    read_files, swapped = base._read_files, []
+
+    def swap_then_read(files, verify):  # the directory is held open: the save swaps it out and removes it
+        if not swapped:
+            second.save(tmp_path / "ix")
+            swapped.append(True)
+        return read_files(files, verify)
+
+    monkeypatch.setattr(base, "_read_files", swap_then_read)
+    loaded = Index.load(tmp_path / "ix")
+    assert swapped
+    assert_same_index(loaded, second, queries)
