@@ -1,10 +1,18 @@
 """Backbones, the retrieval embedder, the baselines and the adversarial methods."""
 
-from fgkeras.models.backbones import BACKBONES, build_backbone, feature_maps
+from fgkeras.models.backbones import BACKBONES, build_backbone, feature_maps, freeze_batch_norm
 from fgkeras.models.baselines import BASELINES, MetricLearner, build_baseline
 from fgkeras.models.embedder import Embedder, build_embedder
 from fgkeras.models.htg import HardTripletGAN, KeypointEmbedder, build_htg, train_htg
-from fgkeras.models.training import ShiftedSchedule
+from fgkeras.models.training import (
+    OPTIMIZERS,
+    MultiRateAdam,
+    MultiRateAdamW,
+    MultiRateSGD,
+    ShiftedSchedule,
+    make_optimizer,
+    rate_multipliers_for,
+)
 
 __all__ = [
     "BACKBONES",
@@ -13,11 +21,18 @@ __all__ = [
     "HardTripletGAN",
     "KeypointEmbedder",
     "MetricLearner",
+    "MultiRateAdam",
+    "MultiRateAdamW",
+    "MultiRateSGD",
+    "OPTIMIZERS",
     "ShiftedSchedule",
     "build_backbone",
     "build_baseline",
     "build_embedder",
     "build_htg",
     "feature_maps",
+    "freeze_batch_norm",
+    "make_optimizer",
+    "rate_multipliers_for",
     "train_htg",
 ]

@@ -2,11 +2,18 @@
 
 Every backbone here is a `keras_hub.models.Backbone` that maps a batch of images
 (already normalised, `(batch, H, W, 3)` float) to a feature map `(batch, h, w, C)`.
-Pretrained weights are optional (`preset=`) and need internet; nothing in fgkeras
+Pretrained weights are optional (`preset=`): a local keras-hub preset directory or a
+`.weights.h5` file needs no network, a keras-hub preset name downloads; nothing in fgkeras
 requires them.
 """
 
+import logging
+import os
+
+import keras
 import keras_hub
+
+logger = logging.getLogger(__name__)
 
 RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
@@ -86,19 +93,70 @@ BACKBONES = {
 
 
 def build_backbone(name="resnet18", width=1.0, image_size=None, preset=None):
-    """Builds a backbone by name, or loads any keras-hub preset (needs internet).
+    """Builds a backbone by name, or loads pretrained weights.
 
     Args:
         name: one of `BACKBONES` ("resnet18", "resnet34", "resnet50", "mobilenet").
         width: channel multiplier for the named backbones.
         image_size: fixed square input size, or None.
-        preset: a keras-hub preset such as "resnet_50_imagenet"; overrides `name`.
+        preset: where pretrained weights come from, or None for a random initialisation:
+            - a local keras-hub preset directory (with `config.json`, as written by
+              `backbone.save_to_preset(directory)`): loaded with
+              `keras_hub.models.Backbone.from_preset`; `name` and `width` are ignored;
+            - a `.weights.h5` file (`backbone.save_weights`) of the backbone that `name` and
+              `width` build: built, then loaded;
+            - a keras-hub preset name or handle such as "resnet_50_imagenet" (downloads).
     """
     if preset is not None:
-        return keras_hub.models.Backbone.from_preset(preset)
+        return _pretrained(name, width, image_size, os.fspath(preset))
     if name not in BACKBONES:
         raise ValueError(f"`name` must be one of {sorted(BACKBONES)}. Received: name={name!r}")
     return BACKBONES[name](width, image_size)
+
+
+def _pretrained(name, width, image_size, preset):
+    image_shape = {} if image_size is None else {"image_shape": (image_size, image_size, 3)}
+    if os.path.isdir(preset):
+        if not os.path.isfile(os.path.join(preset, "config.json")):
+            raise ValueError(
+                "`preset` is a directory but not a keras-hub preset (no config.json; write one with "
+                f"`backbone.save_to_preset(directory)`). Received: preset={preset!r}")
+        logger.info("Loading the backbone preset %s", preset)
+        return keras_hub.models.Backbone.from_preset(preset, **image_shape)
+    if preset.endswith(".weights.h5"):
+        if not os.path.isfile(preset):
+            raise FileNotFoundError(f"`preset` names a weights file that does not exist. Received: preset={preset!r}")
+        backbone = build_backbone(name, width=width, image_size=image_size)
+        logger.info("Loading backbone weights from %s", preset)
+        backbone.load_weights(preset)
+        return backbone
+    if os.path.exists(preset):
+        raise ValueError(
+            "`preset` must be a keras-hub preset directory (with config.json), a backbone `.weights.h5` "
+            f"file or a keras-hub preset name. Received: preset={preset!r}, a file that is neither")
+    if "://" not in preset and (os.sep in preset or preset.endswith((".h5", ".keras"))):
+        raise FileNotFoundError(
+            "`preset` looks like a path (a keras-hub preset directory or a `.weights.h5` file) but "
+            f"nothing is there. Received: preset={preset!r}")
+    logger.info("Loading the keras-hub preset %s (downloads it unless cached)", preset)
+    return keras_hub.models.Backbone.from_preset(preset, **image_shape)
+
+
+def freeze_batch_norm(model):
+    """Freezes every batch normalisation inside `model`, in place; returns the number frozen.
+
+    A frozen `BatchNormalization` normalises with its moving statistics and keeps them, γ and β
+    fixed (Keras runs a non-trainable BN in inference mode): the fine-tuning recipe for batches
+    too small to estimate batch statistics. Other layers stay trainable.
+    """
+    frozen = 0
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            frozen += 1
+        else:
+            frozen += freeze_batch_norm(layer)
+    return frozen
 
 
 def feature_maps(backbone):
@@ -112,4 +170,11 @@ def feature_maps(backbone):
     return {"output": backbone.output}
 
 
-__all__ = ["BACKBONES", "build_backbone", "feature_maps", "mobilenet_backbone", "resnet_backbone"]
+__all__ = [
+    "BACKBONES",
+    "build_backbone",
+    "feature_maps",
+    "freeze_batch_norm",
+    "mobilenet_backbone",
+    "resnet_backbone",
+]

@@ -1,6 +1,6 @@
 """HTG: adversarial hard triplet generation (Zhao et al., ECCV 2018).
 
-Three players, trained step by step on every batch (Sec. 3.3 and 4.2):
+Three players, each stepped on every batch (Sec. 3.3 and 4.2):
 
 - the embedder F (`Embedder`, or `KeypointEmbedder` with the KPM local branch of Sec. 4.3)
   minimises L_F = L_F,tri + μ L_D,real (eq. 9): the triplet loss on the triplets G made
@@ -12,7 +12,9 @@ Three players, trained step by step on every batch (Sec. 3.3 and 4.2):
   while D still recognises their identity.
 
 The paper's recipe, `train_htg`, first trains the basic model (no-bias softmax + triplet
-loss, `build_baseline("basic")`), then plays the game with learning rate 1e-3.
+loss on random triplets, `build_baseline("basic")`), adds the KPM branch if asked (its
+keypoint blocks copied from the trained backbone stages they mirror), then plays the game
+with learning rate 1e-3.
 
 Design decisions where the paper is silent:
 
@@ -24,10 +26,22 @@ Design decisions where the paper is silent:
   offset component would be >= 0 and G could only move features towards one orthant; with γ
   = 0, G starts as the identity, so the adversarial phase starts exactly where the basic
   model ended (L_F,tri = eq. 1 at the first step).
-- F's forward pass runs once per step, in F's update; D and G then play on those features
-  (computed with F's weights from before its update, as constants). D always sees the real
-  and the generated features in one batch, so that its batch normalisation cannot normalise
-  away a shift between the two.
+- One forward pass per step: F, then G and D once each, in training mode; each player's
+  gradient is taken from that pass, on its own loss and its own variables only (F's through
+  G and D, held fixed; D's and G's with F's features as they are), then the three players
+  step. So every player steps from the same state of the others (simultaneous steps), and
+  every batch norm of F, G and D moves its statistics once per step. The paper's "step by
+  step" order could also be read as alternating (G stepping against the D of this step):
+  that needs a second training-mode pass of D (and of G for its own gradient), whose
+  moving statistics would then move twice per step on one batch; with one pass, G sees D
+  one step behind, as in most GAN implementations that update simultaneously.
+- D always sees the real and the generated features in one batch, so that its batch
+  normalisation cannot normalise away a shift between the two.
+- KPM keypoint blocks (Sec. 4.3): a copy of the whole backbone stage they mirror (the same
+  depth: two basic blocks in ResNet-18), with the stage's weights, minus the stage's last
+  ReLU (the spatial softmax needs logits that can be negative). `train_htg` adds the branch
+  after the basic model, so the copies start from the trained stages, the paper's copy of
+  the pretrained ResNet-18 blocks when training starts from scratch.
 - Under `tf.distribute`, the game is played on the global batch: F runs on each replica's
   shard, its features and labels are all-gathered (differentiably), and every replica forms
   the same triplets and runs the small G and D on the whole global batch. Triplet formation
@@ -45,6 +59,7 @@ from keras import ops
 
 from fgkeras import layers as fg_layers
 from fgkeras import losses as fg_losses
+from fgkeras.losses.triplet import pair_masks
 from fgkeras.models.backbones import feature_maps
 from fgkeras.models.baselines import build_baseline
 from fgkeras.models.embedder import Embedder
@@ -54,20 +69,37 @@ logger = logging.getLogger(__name__)
 
 KPM_LEVELS = ("P4", "P5")  # ResNet blocks 3 and 4 in the paper's numbering (Sec. 4.3)
 TRIPLET_SAMPLINGS = ("random", "batch_hard")
+WARMUP_TRIPLETS = ("random", "batch_hard")  # the basic model's triplets (`train_htg`)
+
+
+def _before_activation(tensor):
+    """The input of the activation layer that produced `tensor`, or `tensor` if none did."""
+    operation, node_index, _ = tensor._keras_history
+    if isinstance(operation, (keras.layers.Activation, keras.layers.ReLU)):
+        return operation._inbound_nodes[node_index].input_tensors[0]
+    return tensor
 
 
 @keras.saving.register_keras_serializable(package="fgkeras")
 class KeypointEmbedder(Embedder):
     """An `Embedder` with the keypoint-map (KPM) local branch of HTG (Sec. 4.3).
 
-    For each level l in `levels`, a `KeypointBlock` (a residual conv block like the
-    backbone stage of that level) reads the stage's input X^(l-1) and gives keypoint maps
-    M^l with the shape of the stage's output X^l, softmax-normalised over space per channel.
-    The local feature is f^l_c = Σ_ij X^l_cij M^l_cij. The output feature is
-    f_out = [f_global; f^l ...], with f_global the `Dense(global_dim)` + BN of `Embedder`;
-    the local features pass one batch normalisation (`local_bn`, synchronised like
-    `embedding_bn`; not in the paper) so that they enter the L2-normalised embedding on the
-    scale of f_global rather than as all-positive sums of ReLU activations.
+    For each level l in `levels`, a keypoint block reads the input X^(l-1) of the backbone
+    stage of that level and gives keypoint maps M^l with the shape of the stage's output
+    X^l, softmax-normalised over space per channel (eq. 11). The local feature is
+    f^l_c = Σ_ij X^l_cij M^l_cij. The output feature is f_out = [f_global; f^l ...], with
+    f_global the `Dense(global_dim)` + BN of `Embedder`; the local features pass one batch
+    normalisation (`local_bn`, synchronised like `embedding_bn`; not in the paper) so that
+    they enter the L2-normalised embedding on the scale of f_global rather than as
+    all-positive sums of ReLU activations.
+
+    The keypoint block of a level is a copy of the backbone stage it mirrors, the whole
+    stage (two basic blocks in ResNet-18), with the stage's weights at construction time
+    (the paper initialises the keypoint blocks "with the same weights as the ResNet-18
+    convolution blocks", Sec. 5): `from_embedder` on a trained embedder copies the trained
+    stage. The copy has its own weights (the stage stays shared with the global branch) and
+    ends before the stage's last activation: the softmax needs logits that can be negative,
+    and a ReLU would map every inactive position to the same value.
 
     Args:
         backbone: a keras-hub backbone with `pyramid_outputs` ("P2" … "P5").
@@ -110,28 +142,28 @@ class KeypointEmbedder(Embedder):
              **{name: pyramid[name] for name in (*levels, *self._previous.values())}},
             name="pyramid",
         )
-        self.keypoint_blocks = [
-            fg_layers.KeypointBlock(
-                pyramid[level].shape[-1], strides=self._stride(pyramid, level),
-                temperature=temperature, name=f"keypoint_block_{level}",
-            )
-            for level in levels
-        ]
+        self.keypoint_blocks = []
+        for level in levels:
+            stage = self.stage(level)
+            block = keras.models.clone_model(stage)
+            block.set_weights(stage.get_weights())
+            self.keypoint_blocks.append(block)
+        self.keypoint_map = fg_layers.KeypointMap(temperature, name="keypoint_map")
         self.local_dim = sum(int(pyramid[level].shape[-1]) for level in levels)
         self.local_bn = keras.layers.BatchNormalization(synchronized=True, name="local_bn")
         self.embedding_dim = global_dim + self.local_dim
 
-    def _stride(self, pyramid, level):
-        """The stage's downsampling, from the static sizes; 2 (every ResNet stage) if unknown.
-
-        Stages pad, so a stride-2 stage maps 3 positions to 2: the ratio is rounded.
-        """
-        before, after = pyramid[self._previous[level]].shape[1], pyramid[level].shape[1]
-        return max(1, round(before / after)) if before and after else 2
+    def stage(self, level):
+        """The backbone's stage of `level` that a keypoint block mirrors: a model
+        X^(l-1) → X^l before the stage's last activation, on the backbone's own layers."""
+        pyramid = feature_maps(self.backbone)
+        return keras.Model(pyramid[self._previous[level]], _before_activation(pyramid[level]),
+                           name=f"keypoint_block_{level}")
 
     @classmethod
     def from_embedder(cls, embedder, levels=KPM_LEVELS, temperature=1.0):
-        """Adds the KPM branch to an `Embedder`: same backbone (shared), head weights copied."""
+        """Adds the KPM branch to an `Embedder`: same backbone (shared), head weights copied,
+        each keypoint block a copy of its stage as the embedder has it now (trained or not)."""
         kpm = cls(embedder.backbone, global_dim=embedder.embedding_dim, pooling=embedder.pooling,
                   dropout=embedder.dropout, levels=levels, temperature=temperature, name=embedder.name)
         if embedder.built:
@@ -142,8 +174,6 @@ class KeypointEmbedder(Embedder):
 
     def build(self, input_shape):
         self._build_global_head(input_shape, self.global_dim)
-        for level, block in zip(self.levels, self.keypoint_blocks):
-            block.build(tuple(self.pyramid.output[self._previous[level]].shape))
         self.local_bn.build((input_shape[0], self.local_dim))
         self.l2_normalize.build((input_shape[0], self.embedding_dim))
         self.built = True
@@ -153,7 +183,7 @@ class KeypointEmbedder(Embedder):
         x = self.normalize_input(ops.cast(images, "float32"))
         maps = self.pyramid(x, training=training)
         keypoints = {
-            level: block(maps[self._previous[level]], training=training)
+            level: self.keypoint_map(block(maps[self._previous[level]], training=training))
             for level, block in zip(self.levels, self.keypoint_blocks)
         }
         return maps, keypoints
@@ -253,10 +283,7 @@ def form_triplets(labels, features=None, sampling="random", seed=None):
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
     batch = ops.shape(labels)[0]
     index = ops.arange(batch, dtype="int32")
-    same = ops.expand_dims(labels, 1) == ops.expand_dims(labels, 0)
-    itself = ops.expand_dims(index, 1) == ops.expand_dims(index, 0)
-    positives = ops.logical_and(same, ops.logical_not(itself))
-    negatives = ops.logical_not(same)
+    positives, negatives = pair_masks(labels)
     if sampling == "random":
         noise = keras.random.uniform((2, batch, batch), seed=seed)
         positive_score, negative_score = noise[0], noise[1]
@@ -407,37 +434,48 @@ class HardTripletGAN(keras.Model):
         return self.embedder(images, training=training)
 
     def _play(self, features, labels, triplets, training=True):
-        """G and D on a batch of real features, taken per triplet.
+        """G and D, once each, on a batch of real features, taken per triplet.
 
-        Returns `(generated, real_logits, fake_logits, labels)` of shapes (batch, 3, L),
-        (batch, 3, K+1), (batch, 3, K+1) and (batch, 3): anchor, positive, negative on axis 1.
+        Returns a dict of `real` and `generated` features (batch, 3, L), D's `real_logits` and
+        `fake_logits` (batch, 3, K+1) and the `labels` (batch, 3): anchor, positive, negative
+        on axis 1.
         """
         generated = self.generator(features, training=training)
         logits = ops.cast(self.discriminator(ops.concatenate([features, generated], axis=0),
                                              training=training), "float32")
         batch = ops.shape(features)[0]
-        real_logits, fake_logits = logits[:batch], logits[batch:]
-        return tuple(ops.take(x, triplets, axis=0) for x in (generated, real_logits, fake_logits, labels))
+        play = {"real": features, "generated": generated, "real_logits": logits[:batch],
+                "fake_logits": logits[batch:], "labels": labels}
+        return {name: ops.take(x, triplets, axis=0) for name, x in play.items()}
 
-    def _embedder_loss(self, features, labels, triplets, training=True):
+    def _embedder_loss(self, play):
         """L_F = L_F,tri (3) + μ L_D,real (5): eq. (9)."""
-        generated, real_logits, _, ids = self._play(features, labels, triplets, training)
+        generated = play["generated"]
         loss = (fg_losses.triplet_loss(generated[:, 0], generated[:, 1], generated[:, 2], margin=self.margin)
-                + self.mu * fg_losses.identity_loss(ids, real_logits))
+                + self.mu * fg_losses.identity_loss(play["labels"], play["real_logits"]))
         if self.embedder.losses:
             loss = loss + ops.sum(ops.stack([ops.cast(x, "float32") for x in self.embedder.losses]))
         return loss
 
-    def _discriminator_loss(self, features, labels, triplets, training=True):
+    def _discriminator_loss(self, play):
         """L_D = L_D,real (5) + β L_D,fake (6): eq. (4)."""
-        _, real_logits, fake_logits, ids = self._play(features, labels, triplets, training)
-        return fg_losses.discriminator_loss(ids, real_logits, fake_logits, beta=self.beta)
+        return fg_losses.discriminator_loss(play["labels"], play["real_logits"], play["fake_logits"],
+                                            beta=self.beta)
 
-    def _generator_loss(self, features, labels, triplets, training=True):
+    def _generator_loss(self, play):
         """L_G = L_G,tri (2) + γ L_G,cls (7): eq. (8)."""
-        generated, _, fake_logits, ids = self._play(features, labels, triplets, training)
-        return fg_losses.generator_loss(ids, generated[:, 0], generated[:, 1], generated[:, 2], fake_logits,
-                                        margin=self.margin, gamma=self.gamma)
+        generated = play["generated"]
+        return fg_losses.generator_loss(play["labels"], generated[:, 0], generated[:, 1], generated[:, 2],
+                                        play["fake_logits"], margin=self.margin, gamma=self.gamma)
+
+    def _triplets(self, labels, features):
+        return form_triplets(labels, features, sampling=self.triplets, seed=self.seed_generator)
+
+    def _forward(self, images, labels, training):
+        """F on the images, the triplets, then G and D once: `_play` of the global batch."""
+        labels = _gather(ops.reshape(ops.cast(labels, "int32"), (-1,)))
+        features = _gather(self.embedder.features(images, training=training))
+        return self._play(features, labels, self._triplets(labels, features), training)
 
     @staticmethod
     def _scaled(optimizer, loss):
@@ -445,37 +483,9 @@ class HardTripletGAN(keras.Model):
         return optimizer.scale_loss(replica_scaled(loss))
 
     @staticmethod
-    def _apply(optimizer, tape, scaled_loss, variables):
+    def _update(optimizer, tape, scaled_loss, variables):
+        """One step of `optimizer` on `variables` along the gradient of `scaled_loss`."""
         optimizer.apply(tape.gradient(scaled_loss, variables), variables)
-
-    def _triplets(self, labels, features):
-        return form_triplets(labels, features, sampling=self.triplets, seed=self.seed_generator)
-
-    def _update_embedder(self, images, labels):
-        """One step of F on L_F; returns `(loss, features, triplets)` of the global batch."""
-        with tf.GradientTape() as tape:
-            features = _gather(self.embedder.features(images, training=True))
-            triplets = self._triplets(labels, features)
-            loss = self._embedder_loss(features, labels, triplets)
-            scaled = self._scaled(self.f_optimizer, loss)
-        self._apply(self.f_optimizer, tape, scaled, self.embedder.trainable_variables)
-        return loss, ops.stop_gradient(features), triplets
-
-    def _update_discriminator(self, features, labels, triplets):
-        """One step of D on L_D, F and G fixed."""
-        with tf.GradientTape() as tape:
-            loss = self._discriminator_loss(features, labels, triplets)
-            scaled = self._scaled(self.d_optimizer, loss)
-        self._apply(self.d_optimizer, tape, scaled, self.discriminator.trainable_variables)
-        return loss
-
-    def _update_generator(self, features, labels, triplets):
-        """One step of G on L_G, F and D fixed."""
-        with tf.GradientTape() as tape:
-            loss = self._generator_loss(features, labels, triplets)
-            scaled = self._scaled(self.g_optimizer, loss)
-        self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables)
-        return loss
 
     def _track(self, f_loss, g_loss, d_loss):
         self.f_loss_tracker.update_state(f_loss)
@@ -484,20 +494,25 @@ class HardTripletGAN(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def train_step(self, data):
+        """One forward pass of F, G and D, then one step of each player on its own loss."""
         images, labels = unpack_batch(data)
-        labels = _gather(ops.reshape(ops.cast(labels, "int32"), (-1,)))
-        f_loss, features, triplets = self._update_embedder(images, labels)
-        d_loss = self._update_discriminator(features, labels, triplets)
-        g_loss = self._update_generator(features, labels, triplets)
+        with tf.GradientTape(persistent=True) as tape:
+            play = self._forward(images, labels, training=True)
+            f_loss, d_loss, g_loss = (self._embedder_loss(play), self._discriminator_loss(play),
+                                      self._generator_loss(play))
+            f_scaled = self._scaled(self.f_optimizer, f_loss)
+            d_scaled = self._scaled(self.d_optimizer, d_loss)
+            g_scaled = self._scaled(self.g_optimizer, g_loss)
+        self._update(self.f_optimizer, tape, f_scaled, self.embedder.trainable_variables)
+        self._update(self.d_optimizer, tape, d_scaled, self.discriminator.trainable_variables)
+        self._update(self.g_optimizer, tape, g_scaled, self.generator.trainable_variables)
+        del tape
         return self._track(f_loss, g_loss, d_loss)
 
     def test_step(self, data):
         images, labels = unpack_batch(data)
-        labels = _gather(ops.reshape(ops.cast(labels, "int32"), (-1,)))
-        features = _gather(self.embedder.features(images, training=False))
-        triplets = self._triplets(labels, features)
-        return self._track(*(loss(features, labels, triplets, training=False) for loss in (
-            self._embedder_loss, self._generator_loss, self._discriminator_loss)))
+        play = self._forward(images, labels, training=False)
+        return self._track(self._embedder_loss(play), self._generator_loss(play), self._discriminator_loss(play))
 
     def get_config(self):
         return {
@@ -580,14 +595,20 @@ def _optimizer(optimizer, learning_rate):
 
 def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps_per_epoch=100, *,
               warmup_dataset=None, warmup_steps_per_epoch=None, warmup_learning_rate=1e-2,
-              learning_rate=1e-3, decay_epochs=5, optimizer="sgd", kpm=False, kpm_levels=KPM_LEVELS,
-              margin=0.1, mu=1.0, beta=1.0, gamma=1.0, triplets="random", seed=None,
-              verbose="auto", callbacks=None):
+              learning_rate=1e-3, decay_epochs=5, optimizer="sgd", warmup_triplets="random",
+              kpm=False, kpm_levels=KPM_LEVELS, temperature=1.0, margin=0.1, mu=1.0, beta=1.0, gamma=1.0,
+              triplets="random", seed=None, verbose="auto", callbacks=None):
     """The paper's recipe (Sec. 5): the basic model first, then the adversarial game.
 
-    1. Basic model (Sec. 4.1): F with no-bias softmax + λ·triplet (`build_baseline("basic")`)
-       for `warmup_epochs` at `warmup_learning_rate` (paper: batch 128, lr 0.01, 15 epochs).
-    2. Adversarial training (Sec. 4.2): `HardTripletGAN` for `epochs` at `learning_rate`
+    1. Basic model (Sec. 4.1): F with no-bias softmax + λ·triplet on random triplets
+       (`build_baseline("basic")`; the paper's basic model samples triplets "without
+       considering their hardness", Sec. 4.2) for `warmup_epochs` at `warmup_learning_rate`
+       (paper: batch 128, lr 0.01, 15 epochs). `warmup_triplets="batch_hard"` is the
+       ablation with batch-hard triplets ("basic_batch_hard", OHEM in the warm-up).
+    2. With `kpm=True`, the KPM branch is added to the trained basic model
+       (`KeypointEmbedder.from_embedder`): each keypoint block starts as a copy of the trained
+       backbone stage it mirrors (the paper copies ImageNet ResNet-18 blocks, Sec. 5).
+    3. Adversarial training (Sec. 4.2): `HardTripletGAN` for `epochs` at `learning_rate`
        for each player (paper: batch 64, lr 1e-3, 10 epochs, μ = β = γ = 1).
     A learning rate given as a float is divided by 10 every `decay_epochs` epochs of its
     phase, as in the paper; a `keras.optimizers.schedules.LearningRateSchedule` is used as
@@ -598,31 +619,36 @@ def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps
     distributed. The batch size is that of the datasets.
 
     Args:
-        embedder: F, an `Embedder` (the KPM branch is added first when `kpm=True`).
+        embedder: F, an `Embedder` (the KPM branch is added after the basic model when
+            `kpm=True`; a `KeypointEmbedder` is trained as it is in both phases).
         dataset: infinite P×K batches (e.g. `ImageSet.class_balanced_dataset`) for the game.
         num_classes: K.
         warmup_dataset: batches for the basic model; `dataset` by default.
         warmup_steps_per_epoch: steps per warm-up epoch; `steps_per_epoch` by default.
         optimizer: "sgd" (momentum 0.9; the paper's mini-batch SGD), "adam", "adamw", or a
             callable `learning_rate -> keras.optimizers.Optimizer` (called once per player).
-        kpm, kpm_levels, margin, mu, beta, gamma, triplets, seed: see `build_htg`.
+        warmup_triplets: the basic model's triplets, "random" (the paper) or "batch_hard".
+        kpm, kpm_levels, temperature, margin, mu, beta, gamma, triplets, seed: see `build_htg`.
         verbose, callbacks: passed to both `fit` calls.
     Returns: the trained `HardTripletGAN`; `model.embedder` is F, and `model.history` the
     History of the adversarial phase.
     """
-    if kpm and not isinstance(embedder, KeypointEmbedder):
-        embedder = KeypointEmbedder.from_embedder(embedder, levels=kpm_levels)
+    if warmup_triplets not in WARMUP_TRIPLETS:
+        raise ValueError(
+            f"`warmup_triplets` must be one of {WARMUP_TRIPLETS}. Received: warmup_triplets={warmup_triplets!r}"
+        )
     if warmup_epochs > 0:
         warmup_steps = warmup_steps_per_epoch or steps_per_epoch
-        basic = build_baseline("basic", embedder, num_classes=num_classes, margin=margin, seed=seed)
+        basic = build_baseline("basic", embedder, num_classes=num_classes, margin=margin, seed=seed,
+                               triplet=warmup_triplets)
         basic.compile(optimizer=_optimizer(
             optimizer, _schedule(warmup_learning_rate, warmup_epochs, warmup_steps, decay_epochs)))
         logger.info("HTG phase 1: basic model, %d epochs", warmup_epochs)
         basic.fit(warmup_dataset if warmup_dataset is not None else dataset, epochs=warmup_epochs,
                   steps_per_epoch=warmup_steps, verbose=verbose, callbacks=callbacks,
                   shuffle=False)  # P×K streams are already shuffled
-    game = build_htg(embedder, num_classes, margin=margin, mu=mu, beta=beta, gamma=gamma,
-                     triplets=triplets, seed=seed)
+    game = build_htg(embedder, num_classes, kpm=kpm, kpm_levels=kpm_levels, temperature=temperature,
+                     margin=margin, mu=mu, beta=beta, gamma=gamma, triplets=triplets, seed=seed)
     schedule = _schedule(learning_rate, epochs, steps_per_epoch, decay_epochs)
     game.compile(f_optimizer=_optimizer(optimizer, schedule), g_optimizer=_optimizer(optimizer, schedule),
                  d_optimizer=_optimizer(optimizer, schedule))
@@ -637,6 +663,7 @@ __all__ = [
     "KPM_LEVELS",
     "KeypointEmbedder",
     "TRIPLET_SAMPLINGS",
+    "WARMUP_TRIPLETS",
     "build_discriminator",
     "build_generator",
     "build_htg",

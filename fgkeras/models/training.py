@@ -59,3 +59,114 @@ class ShiftedSchedule(keras.optimizers.schedules.LearningRateSchedule):
     @classmethod
     def from_config(cls, config):
         return cls(keras.saving.deserialize_keras_object(config["schedule"]), config["offset"])
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class _RateMultipliers:
+    """Mixed into a Keras optimizer: some variables step at `multiplier` × the learning rate.
+
+    `rate_multipliers` maps variable paths (`variable.path`) to multipliers; the other
+    variables take the optimizer's rate. Paths, not variables, so that the optimizer's
+    config serialises (a `.keras` file keeps the recipe). Decoupled weight decay, when on,
+    uses the optimizer's rate for every variable.
+    """
+
+    def __init__(self, *args, rate_multipliers=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        multipliers = {str(path): float(value) for path, value in (rate_multipliers or {}).items()}
+        bad = {path: value for path, value in multipliers.items() if value < 0}
+        if bad:
+            raise ValueError(f"`rate_multipliers` must be >= 0. Received: {bad}")
+        self.rate_multipliers = multipliers
+
+    def build(self, variables):
+        paths = [v.path for v in variables]
+        shared = sorted({p for p in paths if p in self.rate_multipliers and paths.count(p) > 1})
+        if shared:
+            raise ValueError(
+                "`rate_multipliers` names variables by path, but several variables share the paths "
+                f"{shared}: rename their layers so that each path is unique.")
+        super().build(variables)
+        # `update_step` may receive the backend's variable (a tf.Variable), which has no path.
+        self._multiplier_by_key = {self._var_key(v): self.rate_multipliers[v.path]
+                                   for v in variables if v.path in self.rate_multipliers}
+
+    def update_step(self, gradient, variable, learning_rate):
+        multiplier = self._multiplier_by_key.get(self._var_key(variable), 1.0)
+        if multiplier != 1.0:
+            learning_rate = ops.multiply(ops.cast(learning_rate, variable.dtype), multiplier)
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "rate_multipliers": dict(self.rate_multipliers)}
+
+
+@keras.saving.register_keras_serializable(package="fgkeras")
+class MultiRateAdam(_RateMultipliers, keras.optimizers.Adam):
+    """`keras.optimizers.Adam` with per-variable rate multipliers (`make_optimizer`)."""
+
+
+@keras.saving.register_keras_serializable(package="fgkeras")
+class MultiRateAdamW(_RateMultipliers, keras.optimizers.AdamW):
+    """`keras.optimizers.AdamW` with per-variable rate multipliers (`make_optimizer`)."""
+
+
+@keras.saving.register_keras_serializable(package="fgkeras")
+class MultiRateSGD(_RateMultipliers, keras.optimizers.SGD):
+    """`keras.optimizers.SGD` with per-variable rate multipliers (`make_optimizer`)."""
+
+
+def make_optimizer(name, learning_rate, *, beta_1=0.9, beta_2=0.999, momentum=0.9, weight_decay=None,
+                   rate_multipliers=None, **kwargs):
+    """Every fgkeras method's optimizer, from its name and settings.
+
+    One factory, so that a setting means the same for every method (`--set
+    train.optimizer=sgd` gives HTG and the baselines the same momentum) and each method's
+    config carries its paper's values (e.g. Adam(2e-4, β1 = 0.5) for a GAN).
+
+    Args:
+        name: "adam", "adamw" or "sgd".
+        learning_rate: a float or a `keras.optimizers.schedules.LearningRateSchedule`.
+        beta_1, beta_2: Adam's and AdamW's moment decays (β1, β2).
+        momentum: SGD's momentum (0 for plain SGD).
+        weight_decay: decoupled weight decay, or None for none (AdamW: Keras's default, 0.004).
+        rate_multipliers: optional `{variable path: multiplier}`: those variables step at
+            `multiplier` × the rate (e.g. a pretrained backbone fine-tuned slower than its head;
+            see `rate_multipliers_for`).
+        **kwargs: passed to the Keras optimizer (`clipnorm`, `epsilon`, `nesterov`, `name` …).
+    Returns: a `keras.optimizers.Optimizer` (a `MultiRate*` subclass when `rate_multipliers`
+    is given).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)} (`name` of `make_optimizer`). "
+                         f"Received: {name!r}")
+    if weight_decay is not None:
+        kwargs["weight_decay"] = weight_decay
+    if name == "sgd":
+        if not 0 <= momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={momentum}")
+        kwargs["momentum"] = momentum
+    else:
+        for argument, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if not 0 <= value < 1:
+                raise ValueError(f"`{argument}` must be in [0, 1). Received: {argument}={value}")
+        kwargs.update(beta_1=beta_1, beta_2=beta_2)
+    plain = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
+    multi_rate = {"adam": MultiRateAdam, "adamw": MultiRateAdamW, "sgd": MultiRateSGD}
+    if rate_multipliers:
+        return multi_rate[name](learning_rate=learning_rate, rate_multipliers=rate_multipliers, **kwargs)
+    return plain[name](learning_rate=learning_rate, **kwargs)
+
+
+def rate_multipliers_for(variables, multiplier):
+    """`{variable.path: multiplier}` for `variables`: the `rate_multipliers` of `make_optimizer`.
+
+    Args:
+        variables: the variables to slow down or speed up (e.g. `embedder.backbone.trainable_variables`).
+        multiplier: their rate relative to the optimizer's, >= 0.
+    """
+    if multiplier < 0:
+        raise ValueError(f"`multiplier` must be >= 0. Received: multiplier={multiplier}")
+    return {v.path: float(multiplier) for v in variables}

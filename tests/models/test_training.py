@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from fgkeras.models import ShiftedSchedule
+from fgkeras.models import MultiRateAdam, ShiftedSchedule, make_optimizer, rate_multipliers_for
 
 
 def _cosine():
@@ -27,3 +27,66 @@ def test_shifted_schedule_round_trips_inside_an_optimizer():
 def test_shifted_schedule_refuses_a_negative_offset():
     with pytest.raises(ValueError, match="`offset` must be >= 0"):
         ShiftedSchedule(_cosine(), offset=-1)
+
+
+@pytest.mark.parametrize("name, cls", [("adam", keras.optimizers.Adam), ("adamw", keras.optimizers.AdamW),
+                                       ("sgd", keras.optimizers.SGD)])
+def test_make_optimizer_builds_each_name(name, cls):
+    optimizer = make_optimizer(name, 1e-3)
+    assert type(optimizer) is cls and float(optimizer.learning_rate) == pytest.approx(1e-3)
+
+
+def test_make_optimizer_passes_every_setting():
+    adam = make_optimizer("adam", 2e-4, beta_1=0.5, beta_2=0.99, weight_decay=1e-4, clipnorm=1.0)
+    assert (adam.beta_1, adam.beta_2, adam.weight_decay, adam.clipnorm) == (0.5, 0.99, 1e-4, 1.0)
+    assert make_optimizer("sgd", 0.1).momentum == 0.9  # the same default momentum for every method
+    assert make_optimizer("sgd", 0.1, momentum=0.0).momentum == 0.0
+    assert make_optimizer("adamw", 1e-3).weight_decay == pytest.approx(0.004)  # Keras's AdamW default
+    assert make_optimizer("adam", 1e-3).weight_decay is None
+    schedule = _cosine()
+    assert make_optimizer("adam", schedule)._learning_rate is schedule
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": "lion"}, "`optimizer` must be one of"),
+    ({"name": "sgd", "momentum": 1.0}, "`momentum` must be in"),
+    ({"name": "adam", "beta_1": -0.1}, "`beta_1` must be in"),
+    ({"name": "adam", "rate_multipliers": {"w": -1.0}}, "`rate_multipliers` must be >= 0"),
+])
+def test_make_optimizer_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(learning_rate=1e-3, **kwargs)
+
+
+def _two_variables():
+    slow = keras.Variable(np.ones(3, "float32"), name="slow")
+    fast = keras.Variable(np.ones(3, "float32"), name="fast")
+    return slow, fast
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_rate_multipliers_scale_the_step_of_the_named_variables(name):
+    slow, fast = _two_variables()
+    optimizer = make_optimizer(name, 0.1, momentum=0.0, weight_decay=0.0,
+                               rate_multipliers=rate_multipliers_for([slow], 0.1))
+    optimizer.build([slow, fast])
+    gradient = np.full(3, 0.5, "float32")
+    optimizer.apply([gradient, gradient], [slow, fast])
+    slow_step, fast_step = 1 - np.asarray(slow), 1 - np.asarray(fast)
+    assert np.all(fast_step > 0)
+    np.testing.assert_allclose(slow_step, 0.1 * fast_step, rtol=1e-4)
+
+
+def test_rate_multipliers_survive_serialization():
+    slow, _ = _two_variables()
+    optimizer = make_optimizer("adam", 1e-3, beta_1=0.5, rate_multipliers=rate_multipliers_for([slow], 0.1))
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert isinstance(restored, MultiRateAdam) and restored.beta_1 == 0.5
+    assert restored.rate_multipliers == {slow.path: 0.1}
+
+
+def test_rate_multipliers_refuse_shared_paths():
+    first, second = keras.Variable(np.ones(2), name="w"), keras.Variable(np.ones(2), name="w")
+    optimizer = make_optimizer("sgd", 0.1, rate_multipliers=rate_multipliers_for([first], 0.1))
+    with pytest.raises(ValueError, match="several variables share the paths"):
+        optimizer.build([first, second])
