@@ -65,8 +65,15 @@ def pairwise_squared_distances(embeddings):
     return ops.where(diagonal, 0.0, ops.maximum(distances, 0.0))
 
 
-def _pair_masks(labels):
-    """(batch, batch) boolean masks of valid positives (same label, not itself) and negatives."""
+def pair_masks(labels):
+    """The valid positives and negatives of every anchor of a batch.
+
+    Args:
+        labels: (batch,) or (batch, 1) class labels.
+    Returns: `(positives, negatives)`, two (batch, batch) boolean masks: row i of `positives`
+    marks the images with the label of image i other than i itself, row i of `negatives`
+    the images with another label.
+    """
     labels = _flat_labels(labels)
     same = ops.expand_dims(labels, 1) == ops.expand_dims(labels, 0)
     index = ops.arange(ops.shape(labels)[0])
@@ -80,7 +87,7 @@ def _hinge(positive_distance, negative_distance, margin):
 
 def _batch_hard_vector(labels, embeddings, margin):
     distances = pairwise_squared_distances(_l2_normalize(embeddings))
-    positives, negatives = _pair_masks(labels)
+    positives, negatives = pair_masks(labels)
     hardest_positive = ops.max(ops.where(positives, distances, 0.0), axis=1)
     # Filler larger than every real distance: never the minimum of an anchor that has a negative.
     filler = ops.stop_gradient(ops.max(distances)) + 1.0
@@ -97,7 +104,7 @@ def _random_choice(mask, noise):
 
 def _random_triplet_vector(labels, embeddings, margin, seed):
     distances = pairwise_squared_distances(_l2_normalize(embeddings))
-    positives, negatives = _pair_masks(labels)
+    positives, negatives = pair_masks(labels)
     batch = ops.shape(distances)[0]
     noise = keras.random.uniform((2, batch, batch), seed=seed)
     positive = ops.take_along_axis(distances, _random_choice(positives, noise[0]), axis=1)

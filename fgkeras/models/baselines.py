@@ -2,8 +2,10 @@
 
 A `MetricLearner` trains an `Embedder` with a softmax classifier on the feature
 (with or without bias), a triplet loss on the L2-normalised embedding (random or
-batch-hard sampling), or both: the "basic model" of HTG (Sec. 3.2) is
-no-bias softmax + λ × triplet.
+batch-hard sampling), or both: the "basic model" of HTG (Sec. 4.1) is
+no-bias softmax + λ × triplet, with triplets sampled at random "without considering their
+hardness" (Sec. 4.2; Table 1, row D); "basic_batch_hard" is the same model with batch-hard
+triplets (row E, the OHEM basic model).
 """
 
 import keras
@@ -23,7 +25,8 @@ BASELINES = {
     "softmax_nobias": {"softmax": "no_bias", "triplet": "none"},
     "triplet_random": {"softmax": "none", "triplet": "random"},
     "triplet_batch_hard": {"softmax": "none", "triplet": "batch_hard"},
-    "basic": {"softmax": "no_bias", "triplet": "batch_hard"},
+    "basic": {"softmax": "no_bias", "triplet": "random"},
+    "basic_batch_hard": {"softmax": "no_bias", "triplet": "batch_hard"},
 }
 
 
@@ -179,9 +182,13 @@ def build_baseline(name, embedder, num_classes=None, margin=0.1, seed=None, **kw
     """A `MetricLearner` for one of the named `BASELINES`.
 
     Args:
-        name: "softmax", "softmax_nobias", "triplet_random", "triplet_batch_hard" or "basic".
+        name: "softmax", "softmax_nobias", "triplet_random", "triplet_batch_hard", "basic"
+            (HTG's basic model: no-bias softmax + random triplets) or "basic_batch_hard".
+        embedder: an `fgkeras.models.Embedder`.
+        num_classes, margin, seed, **kwargs: see `MetricLearner`; `kwargs` may override the
+            baseline's `softmax` and `triplet`.
     """
     if name not in BASELINES:
         raise ValueError(f"`name` must be one of {sorted(BASELINES)}. Received: name={name!r}")
-    return MetricLearner(embedder, num_classes=num_classes, margin=margin, seed=seed,
-                         name=name, **BASELINES[name], **kwargs)
+    kwargs = {"name": name, **BASELINES[name], **kwargs}
+    return MetricLearner(embedder, num_classes=num_classes, margin=margin, seed=seed, **kwargs)

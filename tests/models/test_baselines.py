@@ -70,7 +70,7 @@ def test_keras_file_round_trip(tmp_path, tiny_embedder):
     path = str(tmp_path / "model.keras")
     model.save(path)
     restored = keras.saving.load_model(path)
-    assert isinstance(restored, MetricLearner) and restored.triplet == "batch_hard"
+    assert isinstance(restored, MetricLearner) and restored.triplet == "random"
     np.testing.assert_allclose(restored.predict(images, verbose=0), model.predict(images, verbose=0),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(restored.classifier.kernel, model.classifier.kernel)
@@ -111,3 +111,12 @@ def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strat
     assert any(not np.allclose(a, b) for a, b in zip(expected, initial))  # the step did something
     for a, b in zip(expected, got):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_htgs_basic_model_uses_random_triplets_and_the_batch_hard_one_is_named(tiny_embedder):
+    # HTG's basic model samples triplets "without considering their hardness" (Sec. 4.2, Table 1 D).
+    basic = build_baseline("basic", tiny_embedder(), num_classes=4)
+    assert (basic.softmax, basic.triplet) == ("no_bias", "random")
+    ohem = build_baseline("basic_batch_hard", tiny_embedder(), num_classes=4)
+    assert (ohem.softmax, ohem.triplet) == ("no_bias", "batch_hard")
+    assert build_baseline("basic", tiny_embedder(), num_classes=4, triplet="batch_hard").triplet == "batch_hard"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fgkeras.layers import KeypointBlock
+from fgkeras._files import preview
 from fgkeras.models import Embedder
 from fgkeras.models.htg import (
     HardTripletGAN,
@@ -139,40 +139,204 @@ def test_anchors_without_positive_or_negative_fall_back_to_themselves():
 
 
 # --- the players' updates ------------------------------------------------------------------------
+#
+# The reference below writes eqs. (2)-(9) out from the paper with plain TensorFlow ops (not
+# fgkeras.losses), on one training-mode pass of F, G and D (D on real and generated features in
+# one batch, the module's design decision). One `train_step` with SGD must move each player by
+# exactly -lr × the gradient of its own loss: any mis-wired loss term, sign, weight, label,
+# feature, optimizer or variable list changes some player's step. See MUTATIONS.md.
 
-@pytest.mark.parametrize("player", ["embedder", "generator", "discriminator"])
-def test_each_update_changes_only_its_players_weights(player, tiny_embedder):
-    # Trainable weights. Batch-norm moving statistics are state, not weights: every player's
-    # forward pass in training mode updates them, whichever player is being optimised.
-    images, labels = _batch()
-    game = _compile(build_htg(tiny_embedder(), K, seed=0))
-    game.generator.get_layer("bn4").gamma.assign(np.full(8, 0.5, "float32"))  # G off the identity
-    features = game.embedder.features(images, training=True)
-    triplets = form_triplets(labels, seed=0)
-    players = {name: getattr(game, name) for name in ("embedder", "generator", "discriminator")}
-    before = {name: _values(model.trainable_weights) for name, model in players.items()}
-    update = getattr(game, f"_update_{player}")
-    loss = update(images, labels) if player == "embedder" else update(features, labels, triplets)
-    loss = loss[0] if player == "embedder" else loss
-    assert np.isfinite(_numpy(loss)) and _numpy(loss) > 0
+MU, BETA, GAMMA = 0.5, 2.0, 3.0  # not 1, so that a weight left out changes the step
+RATES = {"embedder": 0.1, "generator": 0.2, "discriminator": 0.3}  # distinct: a swapped optimizer shows
+
+
+def _distance(x, y):
+    """d of Sec. 3: squared distance between the l2-normalised vectors."""
+    return tf.reduce_sum(tf.square(tf.math.l2_normalize(x, -1) - tf.math.l2_normalize(y, -1)), -1)
+
+
+def _softmax_loss(labels, logits):
+    labels = tf.reshape(labels, (-1,))
+    logits = tf.reshape(logits, (-1, logits.shape[-1]))
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+
+def _paper_losses(game, images, labels, triplets, training=True):
+    """L_F (9), L_D (4) and L_G (8) of the paper, and the pieces they are made of."""
+    labels = tf.constant(labels, "int32")
+    features = game.embedder.features(images, training=training)
+    generated = game.generator(features, training=training)
+    logits = game.discriminator(tf.concat([features, generated], 0), training=training)
+    real_logits, fake_logits = tf.gather(logits[:len(images)], triplets), tf.gather(logits[len(images):], triplets)
+    ga, gp, gn = (tf.gather(generated, triplets[:, i]) for i in range(3))
+    ids = tf.gather(labels, triplets)
+    parts = {
+        "F,tri": tf.reduce_mean(tf.nn.relu(_distance(ga, gp) - _distance(ga, gn) + game.margin)),  # (3)
+        "G,tri": tf.reduce_mean(tf.nn.relu(_distance(ga, gn) - _distance(ga, gp) + game.margin)),  # (2)
+        "D,real": _softmax_loss(ids, real_logits),  # (5)
+        "D,fake": _softmax_loss(tf.fill(tf.shape(ids), K), fake_logits),  # (6): the last class is fake
+        "G,cls": _softmax_loss(ids, fake_logits),  # (7)
+    }
+    return {
+        "embedder": parts["F,tri"] + game.mu * parts["D,real"],
+        "discriminator": parts["D,real"] + game.beta * parts["D,fake"],
+        "generator": parts["G,tri"] + game.gamma * parts["G,cls"],
+        **parts,
+    }
+
+
+def _sgd_game(embedder, rates=None, **kwargs):
+    """A game compiled with plain SGD at `RATES` (or `rates`) per player, G off the identity."""
+    rates = {**RATES, **(rates or {})}
+    game = build_htg(embedder, K, **{"mu": MU, "beta": BETA, "gamma": GAMMA, "seed": 3, **kwargs})
+    game.compile(f_optimizer=keras.optimizers.SGD(rates["embedder"]),
+                 g_optimizer=keras.optimizers.SGD(rates["generator"]),
+                 d_optimizer=keras.optimizers.SGD(rates["discriminator"]))
+    game.generator.get_layer("bn4").gamma.assign(np.full(game.embedder.embedding_dim, 0.5, "float32"))
+    return game
+
+
+def _first_triplets(game, labels):
+    """The triplets of the game's first step: the first draw of its seed."""
+    return form_triplets(labels, sampling="random", seed=keras.random.SeedGenerator(game.seed))
+
+
+def _players(game):
+    return {name: getattr(game, name) for name in ("embedder", "generator", "discriminator")}
+
+
+def _expected_sgd_step(game, images, labels, triplets):
+    """(losses, {player: weights after one SGD step on its own paper loss})."""
+    players = _players(game)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = _paper_losses(game, images, labels, triplets)
+    expected = {}
     for name, model in players.items():
-        changed = [not np.array_equal(b, a) for b, a in zip(before[name], _values(model.trainable_weights))]
-        if name == player:
-            assert any(changed), f"the {player} update left {player} unchanged"
-        else:
-            assert not any(changed), f"the {player} update changed {name}"
+        gradients = tape.gradient(losses[name], model.trainable_variables)
+        expected[name] = [np.array(v) - RATES[name] * (0 if g is None else np.array(g))
+                          for v, g in zip(model.trainable_variables, gradients)]
+    return {name: float(v) for name, v in losses.items()}, expected
 
 
-def test_train_step_updates_all_players_and_reports_three_losses(tiny_embedder):
+def test_one_train_step_is_sgd_on_each_players_loss_of_the_paper(tiny_embedder):
+    images, labels = _batch()
+    game = _sgd_game(tiny_embedder())
+    losses, expected = _expected_sgd_step(game, images, labels, _first_triplets(game, labels))
+    logs = game.train_step((images, labels))
+    for name, model in _players(game).items():
+        after = _values(model.trainable_variables)
+        for variable, got, want in zip(model.trainable_variables, after, expected[name]):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=f"{name}: {variable.path}")
+    for log, player in (("f_loss", "embedder"), ("g_loss", "generator"), ("d_loss", "discriminator")):
+        np.testing.assert_allclose(float(logs[log]), losses[player], rtol=1e-5, err_msg=log)
+
+
+def test_every_player_moves_and_only_along_its_own_loss(tiny_embedder):
+    # Independent of the step sizes: a player whose loss has no gradient for a weight must not
+    # move it, and each player moves by a multiple of its own gradient.
+    images, labels = _batch()
+    game = _sgd_game(tiny_embedder())
+    before = {name: _values(model.trainable_variables) for name, model in _players(game).items()}
+    _, expected = _expected_sgd_step(game, images, labels, _first_triplets(game, labels))
+    game.train_step((images, labels))
+    for name, model in _players(game).items():
+        moved = [not np.array_equal(b, a) for b, a in zip(before[name], _values(model.trainable_variables))]
+        should = [not np.array_equal(b, e) for b, e in zip(before[name], expected[name])]
+        assert moved == should, name
+        assert sum(moved) >= len(moved) - 2, f"{name}: {moved}"  # (G's bn4 β/γ aside, every weight has a gradient)
+
+
+def test_the_first_triplets_are_the_seeded_random_draw(tiny_embedder):
+    # `_first_triplets` is what the step tests above assume: check it against the game's own draw.
+    _, labels = _batch()
+    game = _sgd_game(tiny_embedder())
+    np.testing.assert_array_equal(_numpy(game._triplets(labels, None)), _numpy(_first_triplets(game, labels)))
+    assert game.triplets == "random"
+
+
+def _generated_margins(game, images, labels, triplets):
+    """Per triplet d(G(a), G(p)) - d(G(a), G(n)), the margin that G raises and F lowers."""
+    features = game.embedder.features(images, training=True)
+    generated = game.generator(features, training=True)
+    ga, gp, gn = (tf.gather(generated, triplets[:, i]) for i in range(3))
+    return _numpy(_distance(ga, gp) - _distance(ga, gn))
+
+
+@pytest.mark.parametrize("player, harder", [("generator", True), ("embedder", False)])
+def test_g_makes_the_triplets_harder_and_f_makes_them_easier(player, harder, tiny_embedder):
+    # One step of one player alone (the others at rate 0), on the triplet terms alone (μ = γ = 0):
+    # G's step raises d(G(a),G(p)) - d(G(a),G(n)) on the same batch and lowers its eq. (2);
+    # F's step lowers that margin and its eq. (3).
+    images, labels = _batch()
+    rates = {name: (0.1 if name == player else 0.0) for name in RATES}
+    game = _sgd_game(tiny_embedder(), rates=rates, mu=0.0, gamma=0.0)
+    triplets = _first_triplets(game, labels)
+    term = "G,tri" if player == "generator" else "F,tri"
+    before = _generated_margins(game, images, labels, triplets), float(_paper_losses(game, images, labels, triplets)[term])
+    game.train_step((images, labels))
+    after = _generated_margins(game, images, labels, triplets), float(_paper_losses(game, images, labels, triplets)[term])
+    assert (after[0].mean() > before[0].mean()) == harder, (before[0], after[0])
+    assert after[1] < before[1], (term, before[1], after[1])
+
+
+def test_fs_step_depends_on_g(tiny_embedder):
+    # μ = 0: F learns only from G's triplets (eq. 3). Another G gives another F step.
+    images, labels = _batch()
+    steps = []
+    for scale in (0.5, 1.5):
+        game = _sgd_game(tiny_embedder(), mu=0.0)
+        game.generator.get_layer("bn4").gamma.assign(np.full(8, scale, "float32"))
+        before = _values(game.embedder.trainable_variables)
+        game.train_step((images, labels))
+        steps.append([a - b for a, b in zip(_values(game.embedder.trainable_variables), before)])
+    assert any(not np.allclose(a, b, atol=1e-7) for a, b in zip(*steps))
+
+
+def _batch_norms(model):
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+@pytest.mark.parametrize("make", ["plain", "kpm"])
+def test_every_batch_norm_moves_its_statistics_once_per_step(make, tiny_embedder):
+    # Momentum 0.5 from statistics of 1000: one update leaves 500 + (batch moment) / 2, two
+    # would leave about 250, three about 125 (the batch moments here are far below 100).
+    if make == "plain":
+        images, labels = _batch()
+        game = _sgd_game(tiny_embedder())
+    else:
+        images, labels = _batch(size=32)
+        game = _sgd_game(_kpm_embedder())
+    norms = {f"{name}/{bn.name}": bn for name, model in _players(game).items() for bn in _batch_norms(model)}
+    assert sum(name.startswith("generator/") for name in norms) == 4
+    assert sum(name.startswith("discriminator/") for name in norms) == 3
+    for bn in norms.values():
+        bn.momentum = 0.5
+        for statistic in (bn.moving_mean, bn.moving_variance):
+            statistic.assign(np.full(statistic.shape, 1000.0, "float32"))
+    game.train_step((images, labels))
+    for name, bn in norms.items():
+        for statistic in (bn.moving_mean, bn.moving_variance):
+            values = np.array(statistic)
+            assert np.all((values > 450) & (values < 550)), f"{name}/{statistic.name}: {preview(values.ravel().round(1).tolist())}"
+
+
+def test_evaluate_reports_the_paper_losses_in_inference_mode(tiny_embedder):
+    images, labels = _batch()
+    game = _sgd_game(tiny_embedder())
+    losses = _paper_losses(game, images, labels, _first_triplets(game, labels), training=False)
+    logs = game.evaluate(images, labels, batch_size=len(images), verbose=0, return_dict=True)
+    for log, player in (("f_loss", "embedder"), ("g_loss", "generator"), ("d_loss", "discriminator")):
+        np.testing.assert_allclose(logs[log], float(losses[player]), rtol=1e-5, err_msg=log)
+
+
+def test_train_step_reports_three_losses_and_steps_each_optimizer_once(tiny_embedder):
     images, labels = _batch()
     game = _compile(build_htg(tiny_embedder(), K, seed=0))
-    before = _values(game.embedder.trainable_weights + game.discriminator.trainable_weights)
     logs = game.train_step({"image": images, "label": labels})
     assert sorted(logs) == ["d_loss", "f_loss", "g_loss"]
     assert all(np.isfinite(_numpy(v)) for v in logs.values())
-    after = _values(game.embedder.trainable_weights + game.discriminator.trainable_weights)
-    assert all(not np.array_equal(b, a) for b, a in zip(before, after) if b.ndim == 2)
-    assert game.g_optimizer.iterations.numpy() == 1 and game.d_optimizer.iterations.numpy() == 1
+    assert [o.iterations.numpy() for o in (game.f_optimizer, game.g_optimizer, game.d_optimizer)] == [1, 1, 1]
 
 
 def test_fake_features_are_classified_as_the_extra_class(rng, tiny_embedder):
@@ -184,13 +348,18 @@ def test_fake_features_are_classified_as_the_extra_class(rng, tiny_embedder):
     triplets = form_triplets(labels, seed=0)
 
     def predictions():
-        _, real_logits, fake_logits, _ = game._play(features, labels, triplets)
-        return _numpy(real_logits[:, 0]).argmax(-1), _numpy(fake_logits[:, 0]).argmax(-1)
+        play = game._play(features, labels, triplets)
+        return _numpy(play["real_logits"][:, 0]).argmax(-1), _numpy(play["fake_logits"][:, 0]).argmax(-1)
+
+    @tf.function
+    def update():  # D alone on the game's L_D
+        with tf.GradientTape() as tape:
+            loss = game._discriminator_loss(game._play(features, labels, triplets))
+        game._update(game.d_optimizer, tape, loss, game.discriminator.trainable_variables)
 
     assert np.mean(predictions()[1] == K) < 0.5
-    update = tf.function(game._update_discriminator)
     for _ in range(40):
-        update(features, labels, triplets)
+        update()
     real, fake = predictions()
     assert np.mean(fake == K) > 0.8  # class K + 1 (index K) is "generated"
     assert np.mean(real == labels) > 0.8
@@ -201,7 +370,8 @@ def test_generated_features_keep_their_identity_after_a_short_game(toy_game):
     assert history.history["f_loss"][-1] < history.history["f_loss"][0]
     # Played as in a training step: batch statistics, D sees real and generated features together.
     features = game.embedder.features(images, training=True)
-    generated, _, fake_logits, _ = game._play(features, labels, form_triplets(labels, seed=0))
+    play = game._play(features, labels, form_triplets(labels, seed=0))
+    generated, fake_logits = play["generated"], play["fake_logits"]
     offsets = np.linalg.norm(_numpy(generated[:, 0]) - _numpy(features), axis=1)
     assert offsets.mean() > 0.1 * np.linalg.norm(_numpy(features), axis=1).mean()  # G moved the features ...
     identity = _numpy(fake_logits[:, 0, :K]).argmax(-1)
@@ -243,7 +413,6 @@ def test_keypoint_maps_sum_to_one_over_space_per_channel(rng):
     assert _numpy(maps["P3"]).shape == (2, 4, 4, 8) and _numpy(maps["P4"]).shape == (2, 2, 2, 16)
     for m in maps.values():
         np.testing.assert_allclose(_numpy(m).sum(axis=(1, 2)), 1.0, rtol=1e-5)
-    assert all(isinstance(b, KeypointBlock) for b in kpm.keypoint_blocks)
 
 
 def test_keypoint_maps_match_odd_feature_map_sizes(rng):
@@ -257,7 +426,7 @@ def test_keypoint_maps_match_odd_feature_map_sizes(rng):
 def test_keypoint_embedder_keras_file_round_trip_alone_and_in_a_game(tmp_path, rng):
     images = rng.integers(0, 256, (4, 32, 32, 3)).astype("float32")
     game = build_htg(_kpm_embedder(), K, kpm=True)
-    game.embedder.keypoint_blocks[0].bn2.moving_mean.assign(np.linspace(-1, 1, 8).astype("float32"))
+    _batch_norms(game.embedder.keypoint_blocks[0])[-1].moving_mean.assign(np.linspace(-1, 1, 8).astype("float32"))
     expected = _numpy(game.embedder(images))
     game.embedder.save(tmp_path / "embedder.keras")
     restored = keras.saving.load_model(tmp_path / "embedder.keras")
