@@ -63,7 +63,7 @@ from fgkeras.losses.triplet import pair_masks
 from fgkeras.models.backbones import feature_maps
 from fgkeras.models.baselines import build_baseline
 from fgkeras.models.embedder import Embedder
-from fgkeras.models.training import replica_scaled, unpack_batch
+from fgkeras.models.training import make_optimizer, replica_scaled, unpack_batch
 
 logger = logging.getLogger(__name__)
 
@@ -559,13 +559,6 @@ def build_htg(embedder, num_classes, kpm=False, kpm_levels=KPM_LEVELS, temperatu
     )
 
 
-_OPTIMIZERS = {
-    "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9),
-    "adam": keras.optimizers.Adam,
-    "adamw": keras.optimizers.AdamW,
-}
-
-
 def step_decay(learning_rate, epochs, steps_per_epoch, decay_epochs=5):
     """The paper's schedule: `learning_rate` divided by 10 every `decay_epochs` epochs."""
     boundaries = [e * steps_per_epoch for e in range(decay_epochs, epochs, decay_epochs)]
@@ -583,14 +576,8 @@ def _schedule(learning_rate, epochs, steps_per_epoch, decay_epochs):
 
 
 def _optimizer(optimizer, learning_rate):
-    if callable(optimizer):
-        return optimizer(learning_rate)
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(
-            f"`optimizer` must be one of {sorted(_OPTIMIZERS)} or a callable learning_rate -> optimizer. "
-            f"Received: optimizer={optimizer!r}"
-        )
-    return _OPTIMIZERS[optimizer](learning_rate)
+    """`optimizer(learning_rate)` for a callable, else `make_optimizer(optimizer, learning_rate)`."""
+    return optimizer(learning_rate) if callable(optimizer) else make_optimizer(optimizer, learning_rate)
 
 
 def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps_per_epoch=100, *,
