@@ -43,20 +43,42 @@ _MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many
 # --- versions -------------------------------------------------------------------------------
 
 
-def list_versions(root):
-    """The integer versions under `root`, ascending (other entries are ignored, as TF Serving does)."""
+def list_versions(root, ignored=None):
+    """The versions under `root`, ascending: the directories named by a version number.
+
+    A version's name is `[0-9]+` in ASCII without leading zeros ("0" is one), at most 2^63 - 1
+    (`ModelSpec.version` is an int64), so `str(version)` is always its directory. Other entries
+    are ignored, as TF Serving ignores what is not a version: `.staging-*` directories and files
+    silently (logged at DEBUG), and directories whose name is numeric but not a version number
+    (`007`, which TF Serving would serve as 7 beside a `7`; `²` or `٣`, digits to `str.isdigit`
+    but not to a path) with a WARNING.
+
+    Args:
+        root: the model's base path.
+        ignored: a set kept by a caller that lists the same root again and again (a poller): a
+            numeric name is warned about only the first time it is added to it. None: every call.
+    """
     if not os.path.isdir(root):
         return []
     versions = []
     for entry in os.listdir(root):
-        if entry.isdigit() and os.path.isdir(os.path.join(root, entry)):
+        if not os.path.isdir(os.path.join(root, entry)):
+            continue
+        if entry.isascii() and entry.isdigit() and (entry == "0" or entry[0] != "0") and int(entry) < 2 ** 63:
             versions.append(int(entry))
+        elif entry.isnumeric() and (ignored is None or entry not in ignored):
+            if ignored is not None:
+                ignored.add(entry)
+            logger.warning("%s: ignoring the directory %r: a version is named by a decimal number without "
+                           "leading zeros, below 2^63", root, entry)
+        else:
+            logger.debug("%s: %r is not a version directory", root, entry)
     return sorted(versions)
 
 
-def latest_version(root):
-    """The highest version under `root` (the one TF Serving serves), or None."""
-    versions = list_versions(root)
+def latest_version(root, ignored=None):
+    """The highest version under `root` (the one TF Serving serves), or None (see `list_versions`)."""
+    versions = list_versions(root, ignored)
     return versions[-1] if versions else None
 
 

@@ -18,6 +18,7 @@ The model's base path is TF Serving's layout (`saved_models/<name>/<version>/`, 
 import contextlib
 import dataclasses
 import logging
+import numbers
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from fgkeras.serving.signatures import SavedModelSignature
-from fgkeras.serving.status import ServingError, invalid_argument, not_found
+from fgkeras.serving.status import ServingError, failed_precondition, invalid_argument, not_found
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,11 @@ class Servable:
         self.warmup_requests = 0
 
     def signature(self, key):
-        """The signature `key` (empty: `serving_default`), or NOT_FOUND."""
+        """The signature `key` (empty: `serving_default`), or FAILED_PRECONDITION as TF Serving answers."""
         key = key or "serving_default"
         signature = self.signatures.get(key)
         if signature is None:
-            raise not_found(f"Serving signature key {key!r} not found in model {self.name!r} version "
-                            f"{self.version}; it has {sorted(self.signatures)}")
+            raise failed_precondition(f'Serving signature key "{key}" not found.')
         return signature
 
     def signature_def_map(self):
@@ -118,9 +118,12 @@ class ModelManager:
         if isinstance(num_versions, bool) or not isinstance(num_versions, int) or num_versions < 1:
             raise ValueError(f"`num_versions` must be a positive int. Received: num_versions={num_versions!r}")
         if versions is not None:
+            received, versions = versions, list(versions)
+            if not versions or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                       and 0 <= v < 2 ** 63 for v in versions):
+                raise ValueError(f"`versions` must be version numbers (ints in [0, 2^63)). Received: "
+                                 f"versions={received!r}")
             versions = sorted({int(v) for v in versions})
-            if not versions or versions[0] < 0:
-                raise ValueError(f"`versions` must be non-negative version numbers. Received: versions={versions!r}")
         if poll_seconds < 0:
             raise ValueError(f"`poll_seconds` must be >= 0. Received: poll_seconds={poll_seconds!r}")
         self.base_path = os.path.abspath(os.fspath(base_path))
@@ -139,6 +142,7 @@ class ModelManager:
         self._status = {}         # version -> VersionStatus
         self._blessed = set()
         self._refused = set()     # unblessed versions already reported
+        self._ignored_names = set()  # numeric directory names that are not versions, already reported
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -177,7 +181,8 @@ class ModelManager:
         """The servable a `ModelSpec` asks for; it is not unloaded before the block ends.
 
         Raises:
-            ServingError: NOT_FOUND for another model's name, an unavailable version or a label.
+            ServingError: NOT_FOUND for another model's name or an unavailable version,
+                INVALID_ARGUMENT for a version label (this server has none), with TF Serving's messages.
         """
         servable = self._resolve(model_spec)
         try:
@@ -189,39 +194,40 @@ class ModelManager:
                     self._cond.notify_all()
 
     def _resolve(self, model_spec):
-        if model_spec.name and model_spec.name != self.name:
-            raise not_found(f"Servable not found for request: model {model_spec.name!r} (this server serves "
-                            f"{self.name!r})")
+        # TF Serving's order: a label is resolved first (an unknown one is INVALID_ARGUMENT, whatever
+        # the name), then the (name, version) servable is looked up.
+        if model_spec.version_label and not model_spec.HasField("version"):
+            raise invalid_argument(f"Unrecognized servable version label: {model_spec.version_label}")
+        name = model_spec.name or self.name  # an empty name is this server's only model
+        pinned = model_spec.HasField("version")
+        request = f"Specific({name}, {model_spec.version.value})" if pinned else f"Latest({name})"
+        if name != self.name:
+            raise not_found(f"Servable not found for request: {request}")
         with self._cond:
-            if model_spec.HasField("version"):
-                servable = self._available.get(model_spec.version.value)
-                if servable is None:
-                    raise not_found(f"Servable not found for request: Specific({self.name}, "
-                                    f"{model_spec.version.value}); available versions: {sorted(self._available)}")
-            elif model_spec.version_label:
-                raise not_found(f"Servable not found for request: version label {model_spec.version_label!r} "
-                                "(this server has no version labels)")
-            else:
-                servable = self._latest
-                if servable is None:
-                    raise not_found(f"Servable not found for request: Latest({self.name})")
+            servable = self._available.get(model_spec.version.value) if pinned else self._latest
+            if servable is None:
+                raise not_found(f"Servable not found for request: {request}")
             servable.in_flight += 1
             return servable
 
     def status(self, model_spec):
-        """`[VersionStatus]` for GetModelStatus: every version seen, or the one asked for."""
-        if model_spec.name and model_spec.name != self.name:
-            raise not_found(f"Could not find any versions of model {model_spec.name!r}")
+        """`[VersionStatus]` for GetModelStatus: every version seen, or the one asked for.
+
+        Raises:
+            ServingError: NOT_FOUND (an unknown model or version) or INVALID_ARGUMENT (a version
+                label), with TF Serving's messages.
+        """
+        name = model_spec.name or self.name
+        if model_spec.version_label and not model_spec.HasField("version"):
+            raise invalid_argument(f"Unrecognized servable version label: {model_spec.version_label}")
         with self._cond:
-            statuses = [dataclasses.replace(s) for _, s in sorted(self._status.items())]
+            statuses = [dataclasses.replace(s) for _, s in sorted(self._status.items())] if name == self.name else []
         if model_spec.HasField("version"):
             statuses = [s for s in statuses if s.version == model_spec.version.value]
             if not statuses:
-                raise not_found(f"Could not find version {model_spec.version.value} of model {self.name!r}")
-        elif model_spec.version_label:
-            raise invalid_argument("this server has no version labels")
+                raise not_found(f"Could not find version {model_spec.version.value} of model {name}")
         if not statuses:
-            raise not_found(f"Could not find any versions of model {self.name!r}")
+            raise not_found(f"Could not find any versions of model {name}")
         return statuses
 
     @property
@@ -253,7 +259,7 @@ class ModelManager:
     def _aspired(self):
         from fgkeras.export import list_versions
 
-        on_disk = [v for v in list_versions(self.base_path) if self._may_serve(v)]
+        on_disk = [v for v in list_versions(self.base_path, self._ignored_names) if self._may_serve(v)]
         if self.versions is not None:
             return set(on_disk) & set(self.versions)
         return set(on_disk[-self.num_versions:])
@@ -371,7 +377,7 @@ class ModelManager:
     def _why_none(self):
         from fgkeras.export import list_versions
 
-        versions = list_versions(self.base_path)
+        versions = list_versions(self.base_path, self._ignored_names)
         if not versions:
             return "it holds no integer version directory"
         failures = [f"version {s.version}: {s.error}" for _, s in sorted(self._status.items()) if s.error]

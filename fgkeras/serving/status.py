@@ -1,4 +1,12 @@
-"""Request errors and the gRPC status each one is answered with."""
+"""Request errors and the gRPC status each one is answered with.
+
+The codes and messages are TF Serving's where it has one (a client written against TF Serving
+tests them): an unknown model or version is NOT_FOUND `Servable not found for request:
+Latest(name)` / `Specific(name, version)`; an unknown signature is FAILED_PRECONDITION `Serving
+signature key "key" not found.`; an unknown version label is INVALID_ARGUMENT `Unrecognized
+servable version label: label`; GetModelStatus says `Could not find version V of model name` /
+`Could not find any versions of model name` (NOT_FOUND).
+"""
 
 import contextlib
 import logging
@@ -30,6 +38,10 @@ def invalid_argument(message):
 
 def not_found(message):
     return ServingError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def failed_precondition(message):
+    return ServingError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 def resource_exhausted(message):

@@ -56,6 +56,25 @@ def test_versions_are_the_integer_directories(tmp_path):
     assert next_version(str(root)) == 11
 
 
+def test_only_plain_decimal_names_are_versions(tmp_path, caplog):
+    root = tmp_path / "cars"
+    # "²" and "٣" are digits to str.isdigit (int("²") raises; int("٣") is 3, whose path "3" does not
+    # exist); "007" would be read as 7 whose path "7" does not exist; 2^63 is no ModelSpec version
+    for entry in ("0", "3", "²", "٣", "007", "00", str(2 ** 63), str(2 ** 63 - 1), "1e3", "-1", " 4"):
+        (root / entry).mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="fgkeras.export.serving_layout"):
+        assert list_versions(str(root)) == [0, 3, 2 ** 63 - 1]
+    warned = {record.args[1] for record in caplog.records}
+    assert warned == {"²", "٣", "007", "00", str(2 ** 63)}
+    assert all(os.path.isdir(root / str(v)) for v in list_versions(str(root)))
+    caplog.clear()
+    ignored = set()
+    with caplog.at_level("WARNING", logger="fgkeras.export.serving_layout"):
+        for _ in range(3):  # a poller warns once per name
+            assert latest_version(str(root), ignored) == 2 ** 63 - 1
+    assert len(caplog.records) == 5 and ignored == warned
+
+
 def test_warmup_file_is_a_tfrecord_of_predict_requests_for_every_signature(candidate):
     logs = read_warmup_requests(candidate)
     signatures = signature_summary(candidate)

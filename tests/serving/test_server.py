@@ -81,21 +81,42 @@ def test_model_status_and_health(kit, model_root):
         assert code == grpc.StatusCode.UNAVAILABLE
 
 
-def test_unknown_model_version_signature_and_label_are_not_found(kit, model_root):
+def test_unknown_model_version_signature_and_label_answer_tf_servings_codes_and_messages(kit, model_root):
     images = kit.random_images(1)
     labelled = kit.predict_request(images)
     labelled.model_spec.version_label = "stable"
-    cases = [(kit.predict_request(images, name="other"), "other"),
-             (kit.predict_request(images, version=9), "available versions: [1]"),
-             (kit.predict_request(images, signature="classify"), "'classify' not found"),
-             (labelled, "stable")]
+    labelled_other = kit.predict_request(images, name="other")
+    labelled_other.model_spec.version_label = "stable"
+    not_found, precondition, invalid = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                                        grpc.StatusCode.INVALID_ARGUMENT)
+    cases = [(kit.predict_request(images, name="other"), not_found, "Servable not found for request: Latest(other)"),
+             (kit.predict_request(images, name="other", version=1), not_found,
+              "Servable not found for request: Specific(other, 1)"),
+             (kit.predict_request(images, version=9), not_found, "Servable not found for request: Specific(tiny, 9)"),
+             (kit.predict_request(images, signature="classify"), precondition,
+              'Serving signature key "classify" not found.'),
+             (labelled, invalid, "Unrecognized servable version label: stable"),
+             (labelled_other, invalid, "Unrecognized servable version label: stable")]
     with kit.running(model_root) as server, kit.stubs(server) as stub:
-        for request, fragment in cases:
-            code, details = _code(stub.predict.Predict, request, timeout=30)
-            assert code == grpc.StatusCode.NOT_FOUND and fragment in details
+        for request, expected_code, message in cases:
+            assert _code(stub.predict.Predict, request, timeout=30) == (expected_code, message)
         metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         metadata.model_spec.name = "nope"
-        assert _code(stub.predict.GetModelMetadata, metadata, timeout=30)[0] == grpc.StatusCode.NOT_FOUND
+        assert _code(stub.predict.GetModelMetadata, metadata, timeout=30) == (
+            not_found, "Servable not found for request: Latest(nope)")
+        status = get_model_status_pb2.GetModelStatusRequest()
+        status.model_spec.name = "nope"
+        assert _code(stub.model.GetModelStatus, status, timeout=30) == (
+            not_found, "Could not find any versions of model nope")
+        status.model_spec.name = "tiny"
+        status.model_spec.version.value = 7
+        assert _code(stub.model.GetModelStatus, status, timeout=30) == (
+            not_found, "Could not find version 7 of model tiny")
+        status.model_spec.version_label = "canary"
+        assert _code(stub.model.GetModelStatus, status, timeout=30) == (
+            invalid, "Unrecognized servable version label: canary")
+        # an empty name is this server's only model (documented), in Predict as in GetModelStatus
+        assert stub.predict.Predict(kit.predict_request(images, name=""), timeout=30).model_spec.name == "tiny"
 
 
 def _string_tensor(values, shape=None):
