@@ -9,12 +9,14 @@ An index directory holds:
     ids.json          the ids as a UTF-8 JSON list of strings, in the order of the rows of embeddings.npy
     ...               files of the kind (ScaNN's own assets for "scann"; never a pickle)
 
-`save` writes everything into a hidden temporary directory beside the target, fsyncs every file and
-the directory, then swaps it in with one atomic rename (Linux `renameat2(RENAME_EXCHANGE)` when the
-target exists). A crash at any moment leaves either the old index or the new one at the path, never a
-mix; an interrupted temporary directory (`.<name>.tmp-*`) is left behind and is never read. `load`
-checks the manifest, the size and SHA-256 of every file it lists, then the shapes, dtypes and ids, and
-refuses anything else with an `IndexFormatError` that names the problem.
+`save` writes everything into a hidden temporary directory beside the target (of the umask's modes,
+so a server running as another user can read it), fsyncs every file and the directory, then swaps it
+in with one atomic rename (Linux `renameat2(RENAME_EXCHANGE)` when the target exists). A crash at any
+moment leaves either the old index or the new one at the path, never a mix; an interrupted temporary
+directory (`.<name>.tmp-*`) is left behind and is never read. `load` holds the directory open and
+reads every file from the handle it checked (see `_IndexFiles`), so a save landing meanwhile cannot
+mix two versions either. It checks the manifest, the size and SHA-256 of every file it lists, then the
+shapes, dtypes and ids, and refuses anything else with an `IndexFormatError` that names the problem.
 """
 
 import abc
@@ -30,6 +32,8 @@ import stat
 import tempfile
 
 import numpy as np
+
+from fgkeras._files import fsync_dir, fsync_tree, make_temp_dir, preview
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +161,7 @@ class Index(abc.ABC):
         ids = _as_id_list(ids, "ids", allow_single=True)
         unknown = [i for i in ids if i not in self._storage.rows]
         if unknown and not missing_ok:
-            raise KeyError(f"{len(unknown)} id(s) not in the index: {_preview(unknown)}")
+            raise KeyError(f"{len(unknown)} id(s) not in the index: {preview(unknown)}")
         known = list(dict.fromkeys(i for i in ids if i in self._storage.rows))
         if not known:
             return
@@ -181,7 +185,7 @@ class Index(abc.ABC):
             )
         parent, name = os.path.split(directory)
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        staging = make_temp_dir(parent, f".{name}.tmp-")  # the umask's mode: readable by a server
         try:
             files = {EMBEDDINGS_FILE: self._write_embeddings, IDS_FILE: self._write_ids}
             for relative, write in files.items():
@@ -190,7 +194,6 @@ class Index(abc.ABC):
             listed = {}
             for relative in _walk_files(staging):
                 path = os.path.join(staging, relative)
-                _fsync_file(path)
                 listed[relative] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
             manifest = {
                 "format": FORMAT_NAME,
@@ -206,8 +209,7 @@ class Index(abc.ABC):
                 "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
             _write_json(os.path.join(staging, MANIFEST), manifest)
-            for folder in _walk_dirs(staging):
-                _fsync_dir(folder)
+            fsync_tree(staging)  # every file, the manifest too, then the folders: durable before the rename
             _swap_in(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -457,11 +459,6 @@ class _Storage:
 # ---------------------------------------------------------------------- input checks
 
 
-def _preview(values, limit=5):
-    shown = ", ".join(repr(v) for v in list(values)[:limit])
-    return f"[{shown}{', ...' if len(values) > limit else ''}]"
-
-
 def _is_positive_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
@@ -511,7 +508,7 @@ def _check_unique(ids, name):
             if i in seen and i not in duplicates:
                 duplicates.append(i)
             seen.add(i)
-        raise ValueError(f"`{name}` must be unique; duplicated: {_preview(duplicates)}")
+        raise ValueError(f"`{name}` must be unique; duplicated: {preview(duplicates)}")
 
 
 def _check_matrix(x, name, dim, rows=None, allow_vector=False):
@@ -537,7 +534,7 @@ def _check_matrix(x, name, dim, rows=None, allow_vector=False):
         bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
         raise ValueError(
             f"`{name}` must be finite; {len(bad)} row(s) hold NaN or inf (or overflow float32), "
-            f"rows {_preview(bad.tolist())}"
+            f"rows {preview(bad.tolist())}"
         )
     return array
 
@@ -765,28 +762,6 @@ def _walk_files(root):
     return sorted(found)
 
 
-def _walk_dirs(root):
-    return [folder for folder, _, _ in os.walk(root, topdown=False)]
-
-
-def _fsync_file(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _swap_in(staging, directory):
     """Puts the complete `staging` directory at `directory` with one atomic rename."""
     parent = os.path.dirname(directory)
@@ -803,7 +778,7 @@ def _swap_in(staging, directory):
         os.rename(directory, old)
         os.rename(staging, directory)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(parent)
+    fsync_dir(parent)
 
 
 def _exchange(a, b):

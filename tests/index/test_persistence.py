@@ -264,3 +264,30 @@ def test_a_version_removed_while_loading_is_read_again_from_the_new_one(kind, rn
     loaded = Index.load(tmp_path / "ix")
     assert swapped
     assert_same_index(loaded, second, queries)
+
+
+def modes(directory):
+    """{relative path: permission bits} of `directory` itself ("."), its folders and files."""
+    found = {}
+    for folder, _, names in os.walk(directory):
+        for path in [folder] + [os.path.join(folder, name) for name in names]:
+            found[os.path.relpath(path, directory)] = os.stat(path).st_mode & 0o777
+    return found
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_saved_index_is_readable_by_another_user(kind, rng, tmp_path, umask_022):
+    first, second = two_versions(kind, rng)
+    for index in (first, second):  # a new directory, then one replaced
+        index.save(tmp_path / "ix")
+        found = modes(tmp_path / "ix")
+        assert ("scann" in found) == (kind != "exact")
+        expected = {path: 0o755 if os.path.isdir(tmp_path / "ix" / path) else 0o644 for path in found}
+        assert found == expected
