@@ -138,8 +138,9 @@ def cmd_serve(args):
                            batching=batching, index_dir=args.index_dir,
                            limits=serving.Limits(max_pixels_per_request=args.max_pixels_per_request
                                                  or serving.Limits.max_pixels_per_request),
-                           intra_op_parallelism=args.intra_op_parallelism)
-    print(f"fgkeras serve: {args.model_dir} on {server.address} (SIGTERM or Ctrl-C stops)", flush=True)
+                           intra_op_parallelism=args.intra_op_parallelism, rest_api_port=args.rest_api_port)
+    rest = f", REST API on port {server.rest_port}" if server.rest_port is not None else ""
+    print(f"fgkeras serve: {args.model_dir} on {server.address}{rest} (SIGTERM or Ctrl-C stops)", flush=True)
     server.wait()
 
 
@@ -203,6 +204,8 @@ def build_parser():
     serve.add_argument("--model-name", help="name clients put in model_spec (default: the folder name)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8500)
+    serve.add_argument("--rest-api-port", type=int,
+                       help="also answer TF Serving's REST API on this port (TF Serving uses 8501; default: off)")
     serve.add_argument("--index-dir", help="a saved fgkeras index: `search` uses it and the inventory "
                                            "service edits it live")
     serve.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,

@@ -160,6 +160,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                     fill_proto(response.outputs[key], value)
             return response
 
+    def signature_inputs(self, model_spec):
+        """`{key: (DataType, dims)}` of the inputs of the signature `model_spec` names (what the REST
+        API needs to read JSON values as tensors); raises `ServingError` (NOT_FOUND) as `predict` does."""
+        with self._models.acquire(model_spec) as servable:
+            return dict(servable.signature(model_spec.signature_name).inputs)
+
     def metadata(self, request):
         """The `GetModelMetadataResponse` to a `GetModelMetadataRequest`; raises `ServingError`."""
         if not request.metadata_field:
