@@ -296,32 +296,7 @@ class WriteAheadLog:
     # ------------------------------------------------------------------ internals: reading
 
     def _read(self):
-        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
-            return _Scan(entries=[], floor=1, end=0, damaged=[], version=0)
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if data[:len(_FILE_MAGIC)] == _FILE_MAGIC:
-                return self._read_current(data)
-            if _is_header_but_magic(data):
-                raise WalHeaderError(self.path, 0, _count_records(data, _HEADER.size), ": its magic does not match")
-            scan = _read_v1(data)
-            if scan.end < len(data) or scan.damaged:
-                found = _count_records(data, 0)
-                if found:  # current-format records behind a damaged magic, not a version 1 log
-                    raise WalHeaderError(self.path, 0, found, ": its magic does not match")
-            return scan
-
-    def _read_current(self, data):
-        if len(data) < _HEADER.size:
-            raise WalHeaderError(self.path, 0, 0, f": the file has {len(data)} bytes, the header alone "
-                                                  f"{_HEADER.size}")
-        _, version, floor, crc = _HEADER.unpack_from(data, 0)
-        if zlib.crc32(data[len(_FILE_MAGIC):_HEADER.size - 4]) != crc:
-            raise WalHeaderError(self.path, 0, _count_records(data, _HEADER.size), ": its checksum does not match")
-        if version != FORMAT_VERSION:
-            raise WalHeaderError(self.path, 0, _count_records(data, _HEADER.size),
-                                 f": format version {version}, this reader knows {FORMAT_VERSION} and 1")
-        entries, end, damaged = _scan_records(data, _HEADER.size)
-        return _Scan(entries=entries, floor=floor, end=end, damaged=damaged, version=version)
+        return _scan_file(self.path)
 
     def _report_skipped(self, scan):
         for offset, size, before in scan.damaged:
@@ -338,6 +313,49 @@ class WriteAheadLog:
         with open(self.path, "rb") as f:
             write_atomic(aside, f.read())
         logger.warning("skip-corrupt: the damaged log is kept as %s", aside)
+
+
+def read_entries(path, recovery="strict"):
+    """The records of the log at `path`, read without changing the file: for a reader beside the
+    process that appends to it (`fgkeras index` beside a running server). A torn tail is ignored;
+    damage before it raises `WalCorruptionError` unless `recovery="skip-corrupt"` (then skipped)."""
+    if recovery not in RECOVERY_MODES:
+        raise ValueError(f"`recovery` must be one of {RECOVERY_MODES}. Received: recovery={recovery!r}")
+    path = os.path.abspath(os.fspath(path))
+    scan = _scan_file(path)
+    if scan.damaged and recovery == "strict":
+        offset, size, before = scan.damaged[0]
+        raise WalCorruptionError(path, offset, len(scan.entries) - before, f" ({size} bytes do not verify)")
+    return scan.entries
+
+
+def _scan_file(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return _Scan(entries=[], floor=1, end=0, damaged=[], version=0)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:len(_FILE_MAGIC)] == _FILE_MAGIC:
+            return _scan_current(path, data)
+        if _is_header_but_magic(data):
+            raise WalHeaderError(path, 0, _count_records(data, _HEADER.size), ": its magic does not match")
+        scan = _read_v1(data)
+        if scan.end < len(data) or scan.damaged:
+            found = _count_records(data, 0)
+            if found:  # current-format records behind a damaged magic, not a version 1 log
+                raise WalHeaderError(path, 0, found, ": its magic does not match")
+        return scan
+
+
+def _scan_current(path, data):
+    if len(data) < _HEADER.size:
+        raise WalHeaderError(path, 0, 0, f": the file has {len(data)} bytes, the header alone {_HEADER.size}")
+    _, version, floor, crc = _HEADER.unpack_from(data, 0)
+    if zlib.crc32(data[len(_FILE_MAGIC):_HEADER.size - 4]) != crc:
+        raise WalHeaderError(path, 0, _count_records(data, _HEADER.size), ": its checksum does not match")
+    if version != FORMAT_VERSION:
+        raise WalHeaderError(path, 0, _count_records(data, _HEADER.size),
+                             f": format version {version}, this reader knows {FORMAT_VERSION} and 1")
+    entries, end, damaged = _scan_records(data, _HEADER.size)
+    return _Scan(entries=entries, floor=floor, end=end, damaged=damaged, version=version)
 
 
 # ---------------------------------------------------------------------- encoding and scanning

@@ -6,7 +6,7 @@ import zlib
 import pytest
 
 from fgkeras.serving import wal as wal_module
-from fgkeras.serving.wal import LogEntry, WalCorruptionError, WalHeaderError, WriteAheadLog
+from fgkeras.serving.wal import LogEntry, WalCorruptionError, WalHeaderError, WriteAheadLog, read_entries
 
 HEADER_BYTES = 24
 RECORD_OVERHEAD = 20
@@ -283,6 +283,24 @@ def test_oversized_length_is_corruption_not_an_allocation(tmp_path, monkeypatch)
     assert error.value.offset == offsets[1] and error.value.records_after == 1
     with pytest.raises(ValueError, match="at most 1000 bytes"):
         WriteAheadLog(tmp_path / "other.wal").append(b"z" * 1001)
+
+
+def test_read_entries_reads_beside_a_writer_without_changing_the_file(tmp_path):
+    payloads = _payloads(5)
+    offsets, _ = _record_offsets(payloads)
+    path = _filled(tmp_path / "log.wal", payloads)
+    with open(path, "ab") as f:
+        f.write(b"\xf3WR\x1e" + b"\x00" * 7)  # an append in progress
+    before = path.read_bytes()
+    assert [e.payload for e in read_entries(path)] == payloads
+    _flip(path, offsets[1] + RECORD_OVERHEAD)
+    damaged = path.read_bytes()
+    with pytest.raises(WalCorruptionError) as error:
+        read_entries(path)
+    assert (error.value.offset, error.value.records_after) == (offsets[1], 3)
+    assert [e.seq for e in read_entries(path, recovery="skip-corrupt")] == [1, 3, 4, 5]
+    assert path.read_bytes() == damaged and len(damaged) == len(before)  # never truncated nor rewritten
+    assert read_entries(tmp_path / "missing.wal") == []
 
 
 def test_bad_arguments_name_what_was_received(tmp_path):
