@@ -25,9 +25,10 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 
 import numpy as np
+
+from fgkeras._files import fsync_dir, fsync_tree, make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -379,9 +380,9 @@ def push(candidate_dir, root, metrics=None, metric="recall@1", threshold=0.0, gr
     if metrics is not None:
         card["metrics"] = {key: float(value) for key, value in metrics.items()}
     os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
+    staging = make_temp_dir(root, STAGING_PREFIX)
     try:
-        shutil.copytree(candidate_dir, staging, dirs_exist_ok=True)
+        shutil.copytree(candidate_dir, staging, dirs_exist_ok=True)  # keeps the candidate's modes
         return _gate_and_promote(staging, root, card, metric, threshold, greater_is_better, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -415,7 +416,8 @@ def _gate_and_promote(staging, root, card, metric, threshold, greater_is_better,
             "forced": bool(force and not blessed), "reason": reason,
         })
         write_model_card(staging, card)
-        _fsync_tree(staging)
+        _make_readable(staging)
+        fsync_tree(staging)
         target = version_dir(root, version)
         try:
             os.rename(staging, target)
@@ -423,7 +425,7 @@ def _gate_and_promote(staging, root, card, metric, threshold, greater_is_better,
             if os.path.isdir(target):
                 continue
             raise
-        _fsync_dir(root)
+        fsync_dir(root)
         logger.info("pushed version %d: %s", version, reason)
         return PushResult(True, version, reason, path=target, candidate_value=value, baseline_value=baseline)
     raise RuntimeError(f"Could not claim a version number under {root!r}")
@@ -462,7 +464,7 @@ def export_and_push(embedder, root, image_size, metrics, index=None, k=10, flavo
             logger.info("push refused: %s", reason)
             return PushResult(False, latest_version(root), reason, candidate_value=value, baseline_value=baseline)
     os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
+    staging = make_temp_dir(root, STAGING_PREFIX)
     try:
         model = {"kind": "embedder", "image_size": int(image_size),
                  "embedding_dim": getattr(embedder, "embedding_dim", None),
@@ -484,17 +486,13 @@ def export_and_push(embedder, root, image_size, metrics, index=None, k=10, flavo
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fsync_tree(directory):
+def _make_readable(directory):
+    """Gives the folders and files under `directory` the modes the umask gives new ones (0755 and 0644
+    under 022), so that a TF Serving process running as another user can read the version, whatever
+    the modes of the candidate it was copied from."""
+    umask = os.umask(0)
+    os.umask(umask)
     for parent, _, files in os.walk(directory):
-        for filename in files:
-            with open(os.path.join(parent, filename), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(parent)
-
-
-def _fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.chmod(parent, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~umask)

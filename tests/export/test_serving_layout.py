@@ -167,7 +167,7 @@ def test_a_push_that_fails_while_renaming_leaves_no_version(candidate, tmp_path,
     assert list_versions(root) == [] and os.listdir(root) == []
 
 
-def test_export_and_push_writes_a_complete_version(embedder, tmp_path):
+def test_export_and_push_writes_a_complete_version(embedder, tmp_path, umask_022):
     root = str(tmp_path / "saved_models" / "cars")
     rng = np.random.default_rng(0)
     gallery = rng.normal(size=(5, DIM)).astype(np.float32)
@@ -176,6 +176,7 @@ def test_export_and_push_writes_a_complete_version(embedder, tmp_path):
     result = export_and_push(embedder, root, SIZE, metrics={"recall@1": 0.4, "map@r": 0.2}, index=index, k=3,
                              data={"source": "synthetic", "split": "unseen"}, config={"train": {"epochs": 1}})
     assert result.pushed and result.version == 1 and result.path == os.path.join(root, "1")
+    assert_readable_by_another_user(result.path)
     card = read_model_card(result.path)
     assert card["name"] == "cars" and card["version"] == 1
     assert card["model"] == {"kind": "retrieval", "image_size": SIZE, "embedding_dim": DIM, "class": "Embedder",
@@ -192,3 +193,50 @@ def test_export_and_push_writes_a_complete_version(embedder, tmp_path):
 
     refused = export_and_push(embedder, root, SIZE, metrics={"recall@1": 0.3})
     assert not refused.pushed and list_versions(root) == [1] and os.listdir(root) == ["1"]
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def assert_readable_by_another_user(directory):
+    """Folders 0755 and files 0644 (what a umask of 022 makes), the version directory included."""
+    found, expected = {}, {}
+    for folder, _, names in os.walk(directory):
+        for path, mode in [(folder, 0o755)] + [(os.path.join(folder, name), 0o644) for name in names]:
+            found[os.path.relpath(path, directory)] = os.stat(path).st_mode & 0o777
+            expected[os.path.relpath(path, directory)] = mode
+    assert found == expected
+
+
+def test_a_pushed_version_is_readable_by_another_user(candidate, tmp_path, umask_022):
+    private = str(tmp_path / "private")
+    shutil.copytree(candidate, private)
+    for folder, _, names in os.walk(private):  # as written by a process of umask 077
+        os.chmod(folder, 0o700)
+        for name in names:
+            os.chmod(os.path.join(folder, name), 0o600)
+    result = push(private, str(tmp_path / "cars"), metrics={"recall@1": 0.5})
+    assert result.pushed and os.path.isfile(os.path.join(result.path, "saved_model.pb"))
+    assert_readable_by_another_user(result.path)
+
+
+def test_a_push_fsyncs_every_file_and_folder_before_the_rename(candidate, tmp_path, monkeypatch):
+    synced, rename = [], os.rename
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def renamed(source, target):
+        expected = {os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names}
+        expected |= {folder for folder, _, _ in os.walk(source)}
+        assert expected <= set(synced)
+        rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", record)
+    monkeypatch.setattr(os, "rename", renamed)
+    assert push(candidate, str(tmp_path / "cars"), metrics={"recall@1": 0.5}).pushed
+    assert str(tmp_path / "cars") in synced  # the new entry of the root
