@@ -150,6 +150,8 @@ def _gif_header(data):
     frames = 0
     while True:
         if position >= end:
+            if frames and position == end:  # no trailer after a whole frame: giflib reads it as the end
+                break
             raise ImageError(f"is a truncated GIF ({end} bytes, no trailer after {frames} frame(s))")
         block = data[position]
         if block == 0x3B:  # trailer

@@ -112,8 +112,12 @@ def test_gif_frames_are_counted_into_its_pixels_and_limited():
     assert check_image(small, max_side=4096, max_pixels=4096 * 4096, max_frames=20).pixels == 2000
     with pytest.raises(ImageError, match="20 frames; the server takes at most 19"):
         check_image(small, max_side=4096, max_pixels=4096 * 4096, max_frames=19)
+    # no trailer after a whole frame is the end (TensorFlow decodes it); a cut inside a frame is not
+    assert image_header(gif((10, 10), [(0, 0, 10, 10)], trailer=False)).frames == 1
     with pytest.raises(ImageError, match="truncated GIF"):
-        image_header(gif((10, 10), [(0, 0, 10, 10)], trailer=False))
+        image_header(gif((10, 10), [(0, 0, 10, 10)], trailer=False)[:-2])
+    with pytest.raises(ImageError, match="truncated GIF"):
+        image_header(gif((10, 10), [], trailer=False))
     with pytest.raises(ImageError, match="without any frame"):
         image_header(gif((10, 10), []))
 
