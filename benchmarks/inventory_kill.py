@@ -15,7 +15,7 @@ Measured in one run:
    `skip-corrupt`; beside it the version 1 framing as the old inventory read it (stop at the first
    bad frame), on the same flips; and the time to open (verify) logs of 1k and 10k records.
 
-    python benchmarks/inventory_kill.py [--kills 20] [--seed 0] [--quick]
+    python benchmarks/inventory_kill.py [--kills 20] [--seed 0] [--quick] [--note "what tree"]
 
 `--quick` does 3 kills. The kill part uses whichever inventory the tree has: it reports the log
 format the server wrote.
@@ -250,6 +250,7 @@ def main():
     parser.add_argument("--min-seconds", type=float, default=0.3, help="shortest stream before a kill")
     parser.add_argument("--max-seconds", type=float, default=2.0, help="longest stream before a kill")
     parser.add_argument("--quick", action="store_true", help="3 kills")
+    parser.add_argument("--note", help="what tree was measured (written under Tree)")
     args = parser.parse_args()
     kills = 3 if args.quick else args.kills
 
@@ -302,7 +303,7 @@ def main():
         open_text = open_table + f"\n\nAppend (write + fsync, 1 KiB): {appends:.0f} appends/s."
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    path = _common.write_results("inventory_kill", [
+    path = _common.write_results("inventory_kill", ([("Tree", args.note)] if args.note else []) + [
         ("Kills", summary + "\n\n" + kills_table),
         ("A flipped byte in the server's log", flip_text),
         ("Byte flips and cuts in the log module", flips_table),

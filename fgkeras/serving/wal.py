@@ -37,7 +37,10 @@ wrong CRC is corruption, and the frames that follow it are counted (and kept, wi
 Appending writes the whole record with one `os.write` and `fsync`s it before returning. When
 either fails (a short write, `ENOSPC`, an `fsync` error), the file is truncated back to its length
 before the append and the error is raised: the log is exactly what it was. If even that truncation
-fails, the log refuses every later append (reopen it to recover; the reader drops the tail).
+fails, the log refuses every later append until it is reopened (the reader keeps that record if it
+reached the file whole, and drops it as a torn tail otherwise) or rewritten.
+
+`read_entries` reads a log without changing it, for a process beside the one that appends.
 """
 
 import dataclasses
@@ -224,6 +227,7 @@ class WriteAheadLog:
             ValueError: entries that are not `LogEntry`s with increasing positive seqs, or a
                 `next_seq` below the allowed minimum.
             OSError: the new file could not be written (the old log is intact and still open).
+                A log that refuses appends after a failed rollback is repaired by a rewrite.
         """
         entries = list(entries)
         previous = 0
@@ -237,7 +241,8 @@ class WriteAheadLog:
             _check_payload(entry.payload, f"entries[{position}].payload")
             previous = entry.seq
         with self._lock:
-            self._check_writable()
+            if self._fd is None:
+                raise OSError(f"the write-ahead log {self.path} is closed")
             lowest = max(self.next_seq, previous + 1)
             if next_seq is None:
                 next_seq = lowest
@@ -254,6 +259,7 @@ class WriteAheadLog:
             self._fd = fd
             self._size = os.fstat(fd).st_size
             self.next_seq = next_seq
+            self._broken = None  # a new file: whatever a failed append left is gone
 
     def close(self):
         """Closes the file; safe to call more than once."""

@@ -244,6 +244,17 @@ def test_a_log_that_cannot_roll_back_refuses_appends(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(OSError, match="unknown state"):
         log.append(b"b")
+    log.rewrite([])  # a new file repairs it; the failed append's seq was never given out
+    assert log.append(b"c") == 1
+    log.close()
+    assert WriteAheadLog(path).entries == [LogEntry(1, b"c")]
+    path = tmp_path / "other.wal"
+    log = WriteAheadLog(path)
+    monkeypatch.setattr(wal_module.os, "fsync", failing)
+    monkeypatch.setattr(wal_module.os, "ftruncate", failing)
+    with pytest.raises(OSError, match="No space"):
+        log.append(b"a")
+    monkeypatch.undo()
     log.close()
     reopened = WriteAheadLog(path)  # the record was written whole (only its fsync failed): kept, never half
     assert reopened.entries == [LogEntry(1, b"a")] and reopened.append(b"b") == 2
