@@ -38,6 +38,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from fgkeras._files import write_atomic
 from fgkeras.data.core import resize_and_pad
 
 logger = logging.getLogger(__name__)
@@ -190,12 +191,8 @@ def export_tflite(embedder, path, image_size, mode="fp32", representative_images
         `path`.
     """
     content = convert_tflite(embedder, image_size, mode, representative_images, float_head, max_calibration_images)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as f:
-        f.write(content)
-    os.replace(temporary, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, content)  # a reader (or a crash) sees the old file or the new one, never a part
     return path
 
 

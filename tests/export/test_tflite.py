@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -183,3 +185,20 @@ def test_representative_images_of_another_size_are_resized(embedder, unseen):
     big = np.repeat(np.repeat(unseen.images[:4], 2, axis=1), 2, axis=2)  # 64 x 64
     content = convert_tflite(embedder, SIZE, "int8", big)
     assert TFLiteEmbedder(model_content=content)(unseen.images[:2]).shape == (2, DIM)
+
+
+def test_export_writes_the_file_atomically_durably_and_readably(embedder, tmp_path, monkeypatch):
+    path = tmp_path / "model.tflite"
+    (tmp_path / "model.tflite.tmp").mkdir()  # a fixed temporary name, or another writer's, is not used
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    previous = os.umask(0o022)
+    try:
+        export_tflite(embedder, str(path), SIZE)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert str(tmp_path) in synced and any(name.startswith(str(tmp_path / ".model.tflite.tmp-")) for name in synced)
+    assert sorted(os.listdir(tmp_path)) == ["model.tflite", "model.tflite.tmp"]
+    interpreter = TFLiteEmbedder(str(path))
+    assert interpreter(np.zeros((1, SIZE, SIZE, 3), np.uint8)).shape == (1, DIM)
