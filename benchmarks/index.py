@@ -206,7 +206,7 @@ EF_LADDER = [10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 153
 def _cheapest(method, grid, queries, exact_ids, k):
     """The fastest setting of `grid` (a list of dicts, or of lists of dicts = one ladder per list,
     cheapest first) that reaches TARGET on `queries`; the best recall when none does."""
-    from fgkeras.index import recall_at_k
+    from fgkeras.index import best_seconds, recall_at_k
 
     ladders = grid if isinstance(grid[0], list) else [grid]
     feasible, best = [], None
@@ -217,7 +217,7 @@ def _cheapest(method, grid, queries, exact_ids, k):
             if best is None or recall > best[0]:
                 best = (recall, values)
             if recall >= TARGET:
-                feasible.append((_seconds(lambda: method.search(queries, k)), values))
+                feasible.append((best_seconds(lambda: method.search(queries, k)), values))
                 break
     return min(feasible, key=lambda item: item[0])[1] if feasible else best[1]
 
@@ -298,30 +298,24 @@ def one_probe_ivf_recall(gallery, queries, exact_ids, ids, nlist):
 # ---------------------------------------------------------------------------- measuring
 
 
-def _seconds(run, repeats=3):
-    from fgkeras.index.scann_index import _best_seconds  # the index's own timing of its trials
-
-    return _best_seconds(run, repeats)
-
-
 def measure(method, queries, exact_ids, single_queries, threads):
     """Rows for one method at `threads`: batched and batch 1."""
     from threadpoolctl import threadpool_limits
 
-    from fgkeras.index import recall_at_k
+    from fgkeras.index import best_seconds, recall_at_k
 
     rows = []
     with threadpool_limits(threads):
         method.set_threads(threads)
         found = method.search(queries, K)
         recall = recall_at_k(found, exact_ids)
-        seconds = _seconds(lambda: method.search(queries, K))
+        seconds = best_seconds(lambda: method.search(queries, K))
         rows.append({"mode": "batched", "qps": len(queries) / seconds, "recall": recall})
         singles = queries[:single_queries]
         # Recall of one-at-a-time search over every query (ExactIndex: its timed subset only).
         scored = singles if method.name == "ExactIndex" else queries
         found_one = np.concatenate([method.search_one(q, K) for q in scored])
-        seconds = _seconds(lambda: [method.search_one(q, K) for q in singles])
+        seconds = best_seconds(lambda: [method.search_one(q, K) for q in singles])
         rows.append({"mode": "batch 1", "qps": len(singles) / seconds,
                      "recall": recall_at_k(found_one, exact_ids[:len(scored)])})
     for row in rows:
@@ -393,6 +387,7 @@ def exact_bounds(gallery, queries, threads):
     """ExactIndex batched and batch-1 speeds against raw BLAS and streaming-read bounds."""
     from threadpoolctl import threadpool_limits
 
+    from fgkeras.index import best_seconds
     from fgkeras.index import exact as exact_module
 
     n, dim = gallery.shape
@@ -418,14 +413,14 @@ def exact_bounds(gallery, queries, threads):
 
         big = gallery[:min(n, 32768)]
         out = np.empty((len(queries), len(big)), np.float32)
-        same = _seconds(raw_same_shapes)
-        large = _seconds(lambda: np.dot(queries, big.T, out=out), repeats=3) * n / len(big)
-        ours = _seconds(lambda: exact_module.exact_search(gallery, queries, K, threads=threads))
+        same = best_seconds(raw_same_shapes)
+        large = best_seconds(lambda: np.dot(queries, big.T, out=out), repeats=3) * n / len(big)
+        ours = best_seconds(lambda: exact_module.exact_search(gallery, queries, K, threads=threads))
         bound = min(same, large)
         q = queries[0]
-        gemv = _seconds(lambda: gallery @ q, repeats=5)
-        reduce_read = _seconds(lambda: gallery.sum(axis=0), repeats=5)
-        single = _seconds(lambda: exact_module.exact_search(gallery, queries[:1], K, threads=threads), repeats=5)
+        gemv = best_seconds(lambda: gallery @ q, repeats=5)
+        reduce_read = best_seconds(lambda: gallery.sum(axis=0), repeats=5)
+        single = best_seconds(lambda: exact_module.exact_search(gallery, queries[:1], K, threads=threads), repeats=5)
     read = min(gemv, reduce_read)
     return {
         "threads": threads,
@@ -468,10 +463,10 @@ def persistence(scann, build_seconds):
     folder = tempfile.mkdtemp(prefix="fgkeras-index-bench-")
     path = os.path.join(folder, "ix")
     try:
-        save = _seconds(lambda: scann.save(path), repeats=1)
+        save = best_seconds(lambda: scann.save(path), repeats=1)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-        load = _seconds(lambda: Index.load(path), repeats=1)
-        load_fast = _seconds(lambda: Index.load(path, verify=False), repeats=1)
+        load = best_seconds(lambda: Index.load(path), repeats=1)
+        load_fast = best_seconds(lambda: Index.load(path, verify=False), repeats=1)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {"save": save, "size": size / 2**20, "load": load, "load_fast": load_fast, "build": build_seconds}

@@ -132,7 +132,7 @@ def batch_costs(version_dir, image, sizes=(1, 4, 16, 32), repeats=30):
     the model itself costs per image as batches grow, the most server-side batching can save."""
     import tensorflow as tf
 
-    from fgkeras.index.scann_index import _best_seconds  # the timing index.py uses too
+    from fgkeras.index import best_seconds as _best_seconds  # the timing index.py uses too
 
     function = tf.saved_model.load(version_dir).signatures["embed"]
     costs = {}

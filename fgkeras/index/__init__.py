@@ -15,6 +15,7 @@ index = Index.load("gallery.index")                # checked; returns a ScannInd
 from fgkeras.index.base import FORMAT_VERSION, Index, IndexFormatError, read_manifest, recall_at_k
 from fgkeras.index.exact import ExactIndex, exact_search
 from fgkeras.index.scann_index import ScannIndex, default_mode
+from fgkeras.index.scann_tuning import best_seconds
 
-__all__ = ["FORMAT_VERSION", "ExactIndex", "Index", "IndexFormatError", "ScannIndex", "default_mode",
-           "exact_search", "read_manifest", "recall_at_k"]
+__all__ = ["FORMAT_VERSION", "ExactIndex", "Index", "IndexFormatError", "ScannIndex", "best_seconds",
+           "default_mode", "exact_search", "read_manifest", "recall_at_k"]

@@ -5,7 +5,7 @@ import pytest
 
 from fgkeras.index import ExactIndex, ScannIndex, default_mode, recall_at_k
 from fgkeras.index.base import recall_per_query
-from fgkeras.index.scann_index import tune_tree_sizes
+from fgkeras.index.scann_tuning import tune_tree_sizes
 
 
 def unit(x):
