@@ -4,6 +4,7 @@ These are the functions the CLI calls; library users can call them too.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -60,12 +61,19 @@ def _load_splits(config):
 
 
 def build_embedder(config):
-    """A fresh embedder as `config.model` describes it."""
-    return models.build_embedder(
+    """A fresh embedder as `config.model` describes it (`model.preset` may be a local file).
+
+    With `model.freeze_bn` the backbone's batch normalisations are frozen
+    (`fgkeras.models.freeze_batch_norm`).
+    """
+    embedder = models.build_embedder(
         backbone=config.model.backbone, width=config.model.width,
         embedding_dim=config.model.embedding_dim, pooling=config.model.pooling,
         image_size=config.data.image_size, preset=config.model.preset or None,
     )
+    if config.model.freeze_bn:
+        models.freeze_batch_norm(embedder.backbone)
+    return embedder
 
 
 def build_model(config, num_classes):
@@ -75,6 +83,64 @@ def build_model(config, num_classes):
         config.train.method, embedder, num_classes=num_classes, margin=config.train.margin,
         triplet_weight=config.train.triplet_weight, seed=config.train.seed,
     )
+
+
+def backbone_rate_multipliers(train_config, embedder):
+    """`rate_multipliers` of `make_optimizer` for `train.backbone_lr_multiplier` (None at 1)."""
+    if train_config.backbone_lr_multiplier == 1.0:
+        return None
+    return models.rate_multipliers_for(embedder.backbone.trainable_variables, train_config.backbone_lr_multiplier)
+
+
+def validation_split(train_set, fraction, seed):
+    """Holds out `fraction` of the classes of `train_set` for model selection.
+
+    The held-out classes are drawn by `seed` alone, so every method trained on the same set
+    with the same seed is selected on the same classes. At least 2 classes are held out
+    (retrieval within one class tells nothing), and at least 2 are left to train on.
+
+    Args:
+        train_set: the training `ImageSet`.
+        fraction: in [0, 1); 0 holds nothing out.
+        seed: an integer seed.
+    Returns:
+        `(fit_set, validation_set)`: the classes to train on, renumbered 0..K'-1, and the
+        held-out ones (labels kept); `(train_set, None)` when `fraction` is 0.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"`train.validation_classes` must be in [0, 1). Received: {fraction}")
+    if fraction == 0:
+        return train_set, None
+    classes = train_set.classes
+    count = max(2, int(round(fraction * len(classes))))
+    if len(classes) - count < 2:
+        raise ValueError(
+            f"Holding out {count} of the {len(classes)} training classes for model selection leaves "
+            f"fewer than 2 to train on. Received: train.validation_classes={fraction}; set it to 0 to "
+            "train on every class")
+    held_out = np.sort(np.random.default_rng(seed).choice(classes, size=count, replace=False))
+    keep = np.isin(train_set.labels, held_out, invert=True)
+    return train_set.subset(keep).relabeled(), train_set.subset(~keep)
+
+
+def selection_callbacks(config, validation_set):
+    """The callbacks of model selection on `validation_set` (held-out classes), or [] for None.
+
+    A `RetrievalEvaluation` every `train.validation_every` epochs that restores the best
+    epoch's weights (`train.restore_best`), and with `train.patience` > 0 an `EarlyStopping`
+    on its `val_recall@1`. They go first in the callback list, so that every later callback
+    reads the figures.
+    """
+    if validation_set is None:
+        return []
+    dataset = validation_set.as_dataset(image_size=config.data.image_size,
+                                        batch_size=config.eval.batch_size).cache()
+    callbacks = [evaluation.RetrievalEvaluation(dataset, every=config.train.validation_every,
+                                                restore_best_weights=config.train.restore_best)]
+    if config.train.patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_recall@1", mode="max",
+                                                       patience=config.train.patience))
+    return callbacks
 
 
 def cosine_schedule(train_config, initial_rate=None):
@@ -99,16 +165,26 @@ def restart_schedule(train_config):
         train_config.learning_rate, first_decay_steps=first, t_mul=rest / first, m_mul=1.0)
 
 
-def make_optimizer(train_config):
+def optimizer_factory(train_config, rate_multipliers=None):
+    """`learning_rate -> optimizer`: `train.optimizer` with the config's settings (`make_optimizer`).
+
+    Every method gets its optimizers from here (HTG calls it once per player), so that a setting
+    such as `train.momentum` means the same for all of them.
+
+    Args:
+        train_config: a `TrainConfig`.
+        rate_multipliers: `{variable path: multiplier}`, e.g. a slower pretrained backbone.
+    """
+    return functools.partial(
+        models.make_optimizer, train_config.optimizer, beta_1=train_config.beta_1,
+        beta_2=train_config.beta_2, momentum=train_config.momentum,
+        weight_decay=train_config.weight_decay or None, rate_multipliers=rate_multipliers)
+
+
+def make_optimizer(train_config, rate_multipliers=None):
     """`train_config.optimizer` on `cosine_schedule(train_config)` (or `restart_schedule`)."""
     schedule = restart_schedule(train_config) if train_config.restart_schedule else cosine_schedule(train_config)
-    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
-                  "adamw": keras.optimizers.AdamW}
-    if train_config.optimizer not in optimizers:
-        raise ValueError(
-            f"`train.optimizer` must be one of {sorted(optimizers)}. Received: {train_config.optimizer!r}"
-        )
-    return optimizers[train_config.optimizer](learning_rate=schedule)
+    return optimizer_factory(train_config, rate_multipliers)(schedule)
 
 
 @contextlib.contextmanager
@@ -136,18 +212,27 @@ def training_dataset(config, train_set):
 def train(config, train_set=None, verbose="auto", callbacks=None):
     """Trains the configured method; returns `(model, history)`.
 
+    `train.validation_classes` of the training classes are held out of the training stream
+    (`validation_split`) and the model is selected on them (`selection_callbacks`): the
+    history has their `val_recall@K` and `val_map@r`, and with `train.restore_best` the model
+    returned has the weights of its best epoch.
+
     Args:
         config: an `ExperimentConfig`.
         train_set: the training ImageSet; loaded from `config.data` when None.
+        callbacks: more Keras callbacks; they run after the evaluation, so they can monitor
+            `val_recall@1`.
     """
     if train_set is None:
         train_set, _ = load_data(config.data)
+    train_set, validation_set = validation_split(train_set, config.train.validation_classes, config.train.seed)
+    callbacks = [*selection_callbacks(config, validation_set), *(callbacks or [])]
     keras.utils.set_random_seed(config.train.seed)
     if config.train.method == "htg":
         return _train_htg(config, train_set, verbose, callbacks)
     with dtype_policy(config.train.mixed_precision):
         model = build_model(config, num_classes=train_set.num_classes)
-        model.compile(optimizer=make_optimizer(config.train))
+        model.compile(optimizer=make_optimizer(config.train, backbone_rate_multipliers(config.train, model.embedder)))
         history = model.fit(
             training_dataset(config, train_set), epochs=config.train.epochs,
             steps_per_epoch=config.train.steps_per_epoch, verbose=verbose, callbacks=callbacks,
@@ -174,17 +259,21 @@ def _train_htg(config, train_set, verbose, callbacks):
     else:  # the baselines' cosine over the whole budget: the basic model, then the game, on it
         warmup_rate = cosine_schedule(budget, budget.warmup_learning_rate)
         game_rate = models.ShiftedSchedule(cosine_schedule(budget), warmup_steps)
+    # One History for both phases: both phases' figures end up in `game.history`.
+    history = keras.callbacks.History()
     with dtype_policy(budget.mixed_precision):
+        embedder = build_embedder(config)
         game = models.train_htg(
-            build_embedder(config), training_dataset(config, train_set), train_set.num_classes,
+            embedder, training_dataset(config, train_set), train_set.num_classes,
             warmup_epochs=budget.warmup_epochs, epochs=game_epochs, steps_per_epoch=budget.steps_per_epoch,
-            warmup_learning_rate=warmup_rate, learning_rate=game_rate, optimizer=budget.optimizer,
-            decay_epochs=budget.decay_epochs, kpm=config.model.kpm,
+            warmup_learning_rate=warmup_rate, learning_rate=game_rate,
+            optimizer=optimizer_factory(budget, backbone_rate_multipliers(budget, embedder)),
+            decay_epochs=budget.decay_epochs, warmup_triplets=budget.warmup_triplets, kpm=config.model.kpm,
             kpm_levels=tuple(config.model.kpm_levels.split(",")), margin=budget.margin, mu=budget.mu,
             beta=budget.beta, gamma=budget.gamma, triplets=budget.triplets, seed=budget.seed,
-            verbose=verbose, callbacks=callbacks,
+            verbose=verbose, callbacks=[*(callbacks or []), history],
         )
-    return game, game.history
+    return game, history
 
 
 def evaluate(embedder, test_set, config):

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -79,3 +80,99 @@ def test_restart_schedule_gives_the_baselines_the_same_warm_restart_as_htg():
     assert float(schedule(3 * first - 1)) < 0.1 * rate
     with pytest.raises(ValueError, match="0 < warmup_epochs < epochs"):
         experiments.make_optimizer(_smoke("train.epochs=3", "train.warmup_epochs=3", "train.restart_schedule=true").train)
+
+
+def test_sgd_gives_htg_and_the_baselines_the_same_momentum_and_beta_1_reaches_the_optimizer():
+    config = _smoke("train.optimizer=sgd", "train.epochs=1", "train.steps_per_epoch=1")
+    model, _ = experiments.train(config, verbose=0)
+    assert model.optimizer.momentum == 0.9  # the baselines had none
+    config = _smoke("train.method=htg", "train.optimizer=sgd", "train.momentum=0.5", "train.steps_per_epoch=1")
+    game, _ = experiments.train(config, verbose=0)
+    assert [o.momentum for o in (game.f_optimizer, game.g_optimizer, game.d_optimizer)] == [0.5] * 3
+    config = _smoke("train.beta_1=0.5", "train.weight_decay=0.01", "train.epochs=1", "train.steps_per_epoch=1")
+    model, _ = experiments.train(config, verbose=0)
+    assert (model.optimizer.beta_1, model.optimizer.weight_decay) == (0.5, 0.01)
+    with pytest.raises(ValueError, match="`optimizer` must be one of"):
+        experiments.make_optimizer(_smoke("train.optimizer=lion").train)
+
+
+def test_validation_split_holds_out_classes_by_seed_alone():
+    train, _ = experiments.load_data(_smoke().data)
+    fit, held_out = experiments.validation_split(train, 0.25, seed=3)
+    again, held_out_again = experiments.validation_split(train, 0.25, seed=3)
+    _, other = experiments.validation_split(train, 0.25, seed=4)
+    names = lambda s: {s.class_names[c] for c in s.classes}  # noqa: E731
+    assert names(held_out) == names(held_out_again) and names(held_out) != names(other)
+    assert not names(fit) & names(held_out) and names(fit) | names(held_out) == names(train)
+    assert len(held_out.classes) == round(0.25 * len(train.classes))
+    assert set(fit.labels) == set(range(len(fit.classes)))  # renumbered for a classifier head
+    assert experiments.validation_split(train, 0.0, seed=3) == (train, None)
+    with pytest.raises(ValueError, match=r"`train.validation_classes` must be in \[0, 1\)"):
+        experiments.validation_split(train, 1.0, seed=3)
+    with pytest.raises(ValueError, match="fewer than 2 to train on"):
+        experiments.validation_split(train.split_by_classes([0, 1, 2]), 0.2, seed=3)
+
+
+def test_the_held_out_classes_never_appear_in_the_training_stream(monkeypatch):
+    config = _smoke("train.epochs=1", "train.steps_per_epoch=1")
+    train, _ = experiments.load_data(config.data)
+    streams = []
+
+    def recording(config, train_set):
+        streams.append(experiments_training_dataset(config, train_set))
+        return streams[-1]
+
+    experiments_training_dataset = experiments.training_dataset
+    monkeypatch.setattr(experiments, "training_dataset", recording)
+    experiments.train(config, train_set=train, verbose=0)
+    _, held_out = experiments.validation_split(train, config.train.validation_classes, config.train.seed)
+    held_out_images = {image.tobytes() for image in held_out.images}
+    all_images = {image.tobytes() for image in train.images}
+    seen = [image.tobytes() for batch in streams[0].take(20) for image in batch["image"].numpy()]
+    assert set(seen) <= all_images  # the comparison is on the same pixels
+    assert not set(seen) & held_out_images
+
+
+def test_train_logs_the_held_out_figures_and_keeps_the_best_epoch():
+    config = _smoke("train.epochs=3")
+    model, history = experiments.train(config, verbose=0)
+    recalls = history.history["val_recall@1"]
+    assert len(recalls) == 3 and {"val_recall@8", "val_map@r"} <= set(history.history)
+    train, _ = experiments.load_data(config.data)
+    _, held_out = experiments.validation_split(train, config.train.validation_classes, config.train.seed)
+    assert experiments.evaluate(model.embedder, held_out, config)["recall@1"] == pytest.approx(max(recalls))
+    _, history = experiments.train(_smoke("train.validation_classes=0", "train.epochs=1"), verbose=0)
+    assert "val_recall@1" not in history.history
+
+
+def test_htg_is_selected_in_both_phases_and_logs_both():
+    config = _smoke("train.method=htg", "train.epochs=3", "train.warmup_epochs=1")
+    game, history = experiments.train(config, verbose=0)
+    assert len(history.history["val_recall@1"]) == 3  # the basic model's epoch, then the game's two
+    assert len(history.history["softmax_loss"]) == 1 and len(history.history["f_loss"]) == 2
+    train, _ = experiments.load_data(config.data)
+    _, held_out = experiments.validation_split(train, config.train.validation_classes, config.train.seed)
+    assert experiments.evaluate(game.embedder, held_out, config)["recall@1"] == pytest.approx(
+        max(history.history["val_recall@1"][1:]))  # the game's best epoch
+
+
+def test_a_local_preset_with_frozen_batch_norm_and_a_slower_backbone(tmp_path):
+    from fgkeras.models import MultiRateAdam, build_backbone
+
+    config = _smoke("train.epochs=1", "train.steps_per_epoch=1", "model.freeze_bn=true",
+                    "train.backbone_lr_multiplier=0.1", "train.validation_classes=0")
+    pretrained = build_backbone("resnet18", width=config.model.width, image_size=config.data.image_size)
+    pretrained.save_to_preset(str(tmp_path / "preset"))
+    config = configs.override(config, [f"model.preset={tmp_path / 'preset'}"])
+    embedder = experiments.build_embedder(config)
+    assert all(np.array_equal(a, b) for a, b in zip(embedder.backbone.get_weights(), pretrained.get_weights()))
+    model, _ = experiments.train(config, verbose=0)
+    norms = [(mine, theirs) for mine, theirs in zip(model.embedder.backbone.layers, pretrained.layers)
+             if isinstance(mine, keras.layers.BatchNormalization)]
+    assert norms and not any(mine.trainable for mine, _ in norms)
+    for mine, theirs in norms:  # γ, β and the moving statistics kept from the preset
+        assert all(np.array_equal(a, b) for a, b in zip(mine.get_weights(), theirs.get_weights()))
+    assert isinstance(model.optimizer, MultiRateAdam)
+    backbone_paths = {v.path for v in model.embedder.backbone.trainable_variables}
+    assert set(model.optimizer.rate_multipliers) == backbone_paths
+    assert set(model.optimizer.rate_multipliers.values()) == {0.1}

@@ -46,6 +46,12 @@ class DataConfig:
 class ModelConfig:
     """The embedder (see `fgkeras.models.build_embedder`).
 
+    `preset` starts the backbone from pretrained weights without the network: a local keras-hub
+    preset directory (`backbone.save_to_preset(dir)`; `backbone` and `width` are then ignored) or a
+    `.weights.h5` file of the `backbone`/`width` named here (a keras-hub preset name downloads).
+    `freeze_bn` freezes the backbone's batch normalisations (moving statistics and γ, β): the
+    usual fine-tuning recipe when batches are too small for good batch statistics.
+
     `kpm` adds HTG's keypoint-map local branch on the backbone blocks `kpm_levels`
     (comma-separated): the paper's blocks 3 and 4, "P4,P5", by default; on the synthetic set at
     64 px they gave 33.4 Recall@1 where "P3,P4" gave 25.1 (benchmarks/results/htg_ablations_synthetic.md).
@@ -56,6 +62,7 @@ class ModelConfig:
     embedding_dim: int = 128
     pooling: str = "gap"
     preset: str = ""
+    freeze_bn: bool = False
     kpm: bool = False
     kpm_levels: str = "P4,P5"
 
@@ -76,7 +83,24 @@ class TrainConfig:
     `steps_per_epoch` steps, not passes over a data set); `restart_schedule` gives each HTG
     phase its own cosine from its full rate instead, and every other method the same warm
     restart after `warmup_epochs` (`experiments.restart_schedule`, the control). `mu`, `beta`,
-    `gamma` and `triplets` are HTG's game (see `fgkeras.models.HardTripletGAN`).
+    `gamma` and `triplets` are HTG's game (see `fgkeras.models.HardTripletGAN`);
+    `warmup_triplets` its basic model's triplets, "random" (the paper) or "batch_hard" (the
+    ablation: OHEM in the warm-up; `fgkeras.models.train_htg`).
+
+    Optimizer (`fgkeras.models.make_optimizer`, one factory for every method and player):
+    `optimizer` is "adam", "adamw" or "sgd"; `beta_1`, `beta_2` are Adam's and AdamW's β1, β2,
+    `momentum` SGD's (HTG's players and the baselines alike); `weight_decay` > 0 adds decoupled
+    weight decay (0: none; AdamW then keeps Keras's 0.004). `backbone_lr_multiplier` < 1
+    fine-tunes a pretrained backbone (`model.preset`) at that fraction of the head's rate.
+
+    Model selection on held-out classes: `validation_classes` (a fraction in [0, 1); 0 turns it
+    off) of the training classes are held out of the training stream — the same classes for
+    every method trained with the same data and `seed` — and every `validation_every` epochs
+    `fgkeras.evaluation.RetrievalEvaluation` embeds them and logs `val_recall@1`, `val_recall@K`
+    and `val_map@r`. With `restore_best` the weights of the epoch with the best `val_recall@1`
+    are restored at the end (for HTG in each phase: the game's best epoch is the result, and
+    both phases' figures are in the history); `patience` > 0 also stops a phase after that many
+    evaluations without improvement (`keras.callbacks.EarlyStopping`).
     """
 
     method: str = "triplet_batch_hard"
@@ -90,13 +114,23 @@ class TrainConfig:
     images_per_class: int = 4
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    backbone_lr_multiplier: float = 1.0
     margin: float = 0.1
     triplet_weight: float = 1.0
     mu: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
     triplets: str = "random"
+    warmup_triplets: str = "random"
     mixed_precision: bool = False
+    validation_classes: float = 0.2
+    validation_every: int = 1
+    restore_best: bool = True
+    patience: int = 0
     seed: int = 0
 
 
