@@ -135,13 +135,32 @@ def cmd_serve(args):
         max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
         num_batch_threads=args.num_batch_threads) if args.batching else False
     server = serving.serve(args.model_dir, model_name=args.model_name, host=args.host, port=args.port,
-                           batching=batching, index_dir=args.index_dir,
+                           batching=batching, index_dir=args.index_dir, wal_recovery=args.wal_recovery,
                            limits=serving.Limits(max_pixels_per_request=args.max_pixels_per_request
                                                  or serving.Limits.max_pixels_per_request),
                            intra_op_parallelism=args.intra_op_parallelism, rest_api_port=args.rest_api_port)
     rest = f", REST API on port {server.rest_port}" if server.rest_port is not None else ""
     print(f"fgkeras serve: {args.model_dir} on {server.address}{rest} (SIGTERM or Ctrl-C stops)", flush=True)
     server.wait()
+
+
+def cmd_index(args):
+    from fgkeras.serving import indexing
+
+    report = indexing.index_gallery(args.model, images=args.images, out=args.out, kind=args.kind,
+                                    batch_size=args.batch_size)
+    model = report.model
+    print(f"Index of {model['name']} version {model['version']}: {report.path}")
+    print(f"  {report.count} items: {report.gallery_items} from the gallery, {report.log_upserts} upserted live "
+          f"(log record {report.log_seq}), {report.log_deletes} deleted live")
+    if report.skipped_embeddings:
+        print(f"  {report.skipped_embeddings} ids upserted live as another version's embeddings are not in it: "
+              "send their vectors for this version again")
+    if report.corrupt:
+        print(f"  {len(report.corrupt)} images could not be decoded and are not indexed:", file=sys.stderr)
+        for path, reason in report.corrupt:
+            print(f"    {path}: {reason}", file=sys.stderr)
+    return 0
 
 
 def cmd_search(args):
@@ -206,8 +225,11 @@ def build_parser():
     serve.add_argument("--port", type=int, default=8500)
     serve.add_argument("--rest-api-port", type=int,
                        help="also answer TF Serving's REST API on this port (TF Serving uses 8501; default: off)")
-    serve.add_argument("--index-dir", help="a saved fgkeras index: `search` uses it and the inventory "
-                                           "service edits it live")
+    serve.add_argument("--index-dir", help="indexes/<name>: each served version searches its own index "
+                                           "(indexes/<name>/<version>/) and the inventory service edits them live")
+    serve.add_argument("--wal-recovery", choices=("strict", "skip-corrupt"), default="strict",
+                       help="an inventory log corrupted before its last record: refuse to start, naming the "
+                            "file and offset (strict, the default), or start without the corrupt records")
     serve.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                        help="server-side dynamic batching (default: on)")
     serve.add_argument("--max-batch-size", type=int, default=32)
@@ -220,6 +242,17 @@ def build_parser():
                        help="threads one TensorFlow op may use (default: TensorFlow's, a thread per core); "
                             "1 often serves small models faster")
     serve.set_defaults(func=cmd_serve)
+
+    index = commands.add_parser("index", help="embed a gallery of images with a served model version and build "
+                                              "that version's index (with the items upserted live since)")
+    index.add_argument("--model", required=True, help="saved_models/<name>/<version>, or saved_models/<name> "
+                                                      "for its latest version")
+    index.add_argument("--images", help="an image folder (root/<class>/<image>) or a CSV of paths; "
+                                        "omitted: the inventory log's live items alone")
+    index.add_argument("--out", help="the index directory (default: indexes/<name>/<version> beside saved_models/)")
+    index.add_argument("--kind", choices=("exact", "scann"), default="exact", help="index kind (default: exact)")
+    index.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+    index.set_defaults(func=cmd_index)
 
     search = commands.add_parser("search", help="search a running server with image files")
     search.add_argument("images", nargs="+", help="JPEG/PNG files")

@@ -333,8 +333,8 @@ def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard", "
         if artefacts["push"].pushed:
             # A query from a class the gallery does not hold yet: a new arrival.
             query = next(iter(train_set.as_dataset(image_size=config.data.image_size)))["image"].numpy()
-            results["served"] = serve_and_query(os.path.dirname(artefacts["saved_model"]), artefacts["index"],
-                                                query)
+            results["served"] = serve_and_query(os.path.dirname(artefacts["saved_model"]),
+                                                os.path.dirname(artefacts["index"]), query)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -356,8 +356,10 @@ def export_artifacts(embedder, gallery, config, out_dir, name="fgkeras", flavour
 
     Embeds `gallery`, evaluates it, builds an index of it, and writes under `out_dir`:
     `saved_models/<name>/<version>/` (embed + search signatures on image bytes, warmup
-    requests, model card; pushed only if the blessing gate passes), `indexes/<name>/`
-    (the live index the gRPC server serves and updates), and
+    requests, model card; pushed only if the blessing gate passes), `indexes/<name>/<version>/`
+    (that version's own index of the gallery, which the gRPC server serves and updates; it records
+    the model that made its vectors, and holds the items upserted live into an earlier version
+    too, from the inventory's log), and
     `tflite/<name>/embedder_<mode>.tflite` with `parity.json`.
 
     Returns:
@@ -377,8 +379,12 @@ def export_artifacts(embedder, gallery, config, out_dir, name="fgkeras", flavour
     result = {"push": pushed, "metrics": metrics, "saved_model": pushed.path}
     if not pushed.pushed:
         return result
-    index_dir = os.path.join(out_dir, "indexes", name)
-    gallery_index.save(index_dir)
+    from fgkeras.serving.indexing import build_version_index
+
+    version = int(os.path.basename(pushed.path))
+    index_dir = os.path.join(out_dir, "indexes", name, str(version))
+    build_version_index(pushed.path, gallery_index.ids.tolist(), gallery_index.embeddings, out=index_dir,
+                        gallery=f"{len(gallery)} images of {config.data.source} ({config.data.test_split})")
     result["index"] = index_dir
     if tflite_modes:
         tflite_dir = os.path.join(out_dir, "tflite", name)
@@ -395,7 +401,7 @@ def export_artifacts(embedder, gallery, config, out_dir, name="fgkeras", flavour
     return result
 
 
-def serve_and_query(model_root, index_dir, image, k=5):
+def serve_and_query(model_root, index_root, image, k=5):
     """Starts the gRPC server on a free loopback port, queries it with the client, stops it.
 
     `image` (uint8, H×W×3) is searched, upserted under the id "new-arrival" and searched
@@ -404,7 +410,7 @@ def serve_and_query(model_root, index_dir, image, k=5):
     """
     from fgkeras import serving
 
-    server = serving.serve(model_root, port=0, index_dir=index_dir)
+    server = serving.serve(model_root, port=0, index_dir=index_root)
     try:
         with serving.Client(server.address) as client:
             ids, scores = client.search([image], k=k)

@@ -6,7 +6,10 @@
   card, promoted only through a blessing gate.
 - `export_tflite` / `tflite_parity`: fp32, dynamic-range and int8 TFLite embedders, and how close
   they are to the Keras model.
+- `model_record` / `model_fingerprint`: which SavedModel made a set of vectors (an index keeps it).
 """
+
+from fgkeras.export.fingerprint import model_fingerprint, model_record
 
 from fgkeras.export.saved_model import (
     DECODED_SIGNATURE,
@@ -63,6 +66,8 @@ __all__ = [
     "latest_version",
     "list_versions",
     "load_saved_model",
+    "model_fingerprint",
+    "model_record",
     "next_version",
     "push",
     "read_model_card",

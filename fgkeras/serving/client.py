@@ -169,13 +169,18 @@ class Client:
     def upsert(self, ids, images=None, embeddings=None, version=None):
         """Adds items (or replaces known ids) from images or from embeddings; durable on return.
 
+        Images reach the index of every served version that has one (each embeds them itself), and
+        stay in the server's log for the indexes of later versions. Embeddings belong to the version
+        that made them: `version` is required with them, and a new version needs them sent again.
+
         Returns:
-            `{"inserted", "updated", "count", "model_version"}` summed over the requests sent.
+            `{"inserted", "updated", "count", "model_version", "versions"}` summed over the requests
+            sent (`versions`: those whose index holds the change).
         """
         ids = [ids] if isinstance(ids, str) else list(ids)
         if (images is None) == (embeddings is None):
             raise ValueError("Pass either `images` or `embeddings` to upsert.")
-        totals = {"inserted": 0, "updated": 0, "count": 0, "model_version": 0}
+        totals = {"inserted": 0, "updated": 0, "count": 0, "model_version": 0, "versions": []}
         if images is not None:
             encoded = encode_images(images)
             if len(encoded) != len(ids):
@@ -186,7 +191,9 @@ class Client:
                         for i in range(0, len(ids), step)]
         else:
             embeddings = np.asarray(embeddings, np.float32).reshape(len(ids), -1)
-            request = inventory_pb2.UpsertRequest(ids=ids)
+            if version is None:
+                raise ValueError("Embeddings belong to the model version that made them: pass `version`.")
+            request = inventory_pb2.UpsertRequest(ids=ids, model_version=int(version))
             request.embeddings.dim = embeddings.shape[1]
             request.embeddings.values.extend(embeddings.ravel().tolist())
             requests = [request]
@@ -196,6 +203,7 @@ class Client:
             totals["updated"] += response.updated
             totals["count"] = response.count
             totals["model_version"] = response.model_version
+            totals["versions"] = list(response.versions)
         return totals
 
     def delete(self, ids, missing_ok=False):
@@ -205,9 +213,10 @@ class Client:
                                               timeout=self.timeout)
         return {"deleted": response.deleted, "count": response.count}
 
-    def count(self):
-        """The number of items in the inventory."""
-        return self.inventory_stub.Count(inventory_pb2.CountRequest(), timeout=self.timeout).count
+    def count(self, version=None):
+        """The number of items in the index of `version` (None: the newest served version that has one)."""
+        request = inventory_pb2.CountRequest(model_version=int(version or 0))
+        return self.inventory_stub.Count(request, timeout=self.timeout).count
 
     # ------------------------------------------------------------------ plumbing
 

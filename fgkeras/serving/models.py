@@ -107,6 +107,8 @@ class ModelManager:
         extend_signatures: `extend_signatures(servable) -> {key: Signature}`: signatures the server
             adds to (or replaces in) every version, e.g. the live `search`; may raise to refuse a
             version.
+        on_release: `on_release(servable)`, called when a version is unloaded (its last request
+            ended), before its signatures are dropped.
         limits: the server's `Limits` (the warm-up requests are checked against them too).
         warmup: replay `assets.extra/tf_serving_warmup_requests` before serving a version.
         max_load_attempts: a version that fails to load this many times is given up.
@@ -114,7 +116,7 @@ class ModelManager:
     """
 
     def __init__(self, base_path, name, limits, num_versions=1, versions=None, poll_seconds=1.0,
-                 extend_signatures=None, warmup=True, max_load_attempts=3, unload_timeout=60.0):
+                 extend_signatures=None, on_release=None, warmup=True, max_load_attempts=3, unload_timeout=60.0):
         if isinstance(num_versions, bool) or not isinstance(num_versions, int) or num_versions < 1:
             raise ValueError(f"`num_versions` must be a positive int. Received: num_versions={num_versions!r}")
         if versions is not None:
@@ -136,6 +138,7 @@ class ModelManager:
         self.max_load_attempts = max_load_attempts
         self.unload_timeout = unload_timeout
         self._extend_signatures = extend_signatures
+        self._on_release = on_release
         self._cond = threading.Condition(threading.Lock())
         self._available = {}      # version -> Servable; replaced as a whole, never changed in place
         self._latest = None
@@ -363,6 +366,11 @@ class ModelManager:
             status = self._status.get(servable.version)
             if status is not None:
                 status.state = State.END
+        if self._on_release is not None:
+            try:
+                self._on_release(servable)
+            except Exception:  # unloading must go on; the hook's owner logs what it lost
+                logger.exception("releasing version %d of %r: the release hook failed", servable.version, self.name)
         servable.loaded = None
         servable.signatures = {}
         logger.info("version %d of %r unloaded", servable.version, self.name)

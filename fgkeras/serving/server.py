@@ -32,6 +32,7 @@ server.wait()      # until SIGTERM / SIGINT (or another thread's `server.stop()`
 ```
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -92,12 +93,6 @@ def embed_signature(servable):
     return None
 
 
-def embedding_dim(signature):
-    """D of an embed signature's float32 [None, D] output, or None when the SignatureDef leaves it open."""
-    _, dims = signature.outputs.get("embeddings") or next(iter(signature.outputs.values()))
-    return dims[1] if dims[1] > 0 else None
-
-
 class _Executor:
     """Runs a signature on a payload: through the batch scheduler when batching, else directly."""
 
@@ -141,8 +136,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         Raises:
             ServingError: what the client asked for cannot be served (its status code says why).
         """
-        with self._models.acquire(request.model_spec) as servable:
+        with contextlib.ExitStack() as held:
+            servable = held.enter_context(self._models.acquire(request.model_spec))
             signature = servable.signature(request.model_spec.signature_name)
+            answering = signature.answering_version() if isinstance(signature, LiveSearchSignature) else None
+            if answering is not None and answering != servable.version:
+                # A version without an index of its own: the newest version that has one embeds the
+                # query and searches its own vectors, and the response names it.
+                spec = model_pb2.ModelSpec(name=request.model_spec.name)
+                spec.version.value = answering
+                servable = held.enter_context(self._models.acquire(spec))
+                signature = servable.signature(signature.name)
             payload, rows = signature.parse(request.inputs, self._limits)
             wanted = list(request.output_filter)
             unknown = [key for key in wanted if key not in signature.outputs]
@@ -227,7 +231,10 @@ class Server:
         poll_seconds: how often `model_dir` is polled for new versions (0: never).
         default_k: neighbours of a live search without `k`.
         grace_seconds: how long `stop()` lets running requests finish.
-        snapshot_every: inventory changes between two snapshots of the index.
+        snapshot_every: inventory changes between two snapshots of the indexes.
+        wal_recovery: how the inventory opens a log corrupted before its last record: "strict"
+            (refuse to start, naming the file, the offset and the records after it) or
+            "skip-corrupt" (start, skipping those records and logging which). See `fgkeras.serving.wal`.
         warmup: replay each version's warmup requests before serving it.
         intra_op_parallelism: threads of TensorFlow's intra-op pool, which one op (a convolution)
             splits its work over (TF Serving's `--tensorflow_intra_op_parallelism`); None leaves
@@ -239,7 +246,8 @@ class Server:
 
     def __init__(self, model_dir, model_name=None, host="127.0.0.1", port=8500, batching=True, index_dir=None,
                  limits=None, num_versions=1, versions=None, poll_seconds=1.0, default_k=10, grace_seconds=10.0,
-                 snapshot_every=1000, warmup=True, intra_op_parallelism=None, rest_api_port=None):
+                 snapshot_every=1000, warmup=True, intra_op_parallelism=None, rest_api_port=None,
+                 wal_recovery="strict"):
         if not os.path.isdir(model_dir):
             raise ValueError(f"`model_dir` must be a directory of integer versions. Received: model_dir={model_dir!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -270,12 +278,14 @@ class Server:
         self._requested_port = port
         self._index_dir = index_dir
         self._snapshot_every = snapshot_every
+        self._wal_recovery = wal_recovery
         self.inventory = None
         self.batcher = BatchScheduler(batching) if batching else None
         self._executor = _Executor(self.batcher)
         self.models = ModelManager(model_dir, self.model_name, self.limits, num_versions=num_versions,
                                    versions=versions, poll_seconds=poll_seconds,
-                                   extend_signatures=self._extend_signatures if index_dir else None, warmup=warmup)
+                                   extend_signatures=self._extend_signatures if index_dir else None,
+                                   on_release=self._release_version, warmup=warmup)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._prediction = PredictionServicer(self.models, self._executor, self.limits)
         self._model_status = ModelServicer(self.models)
@@ -307,7 +317,8 @@ class Server:
             if self.intra_op_parallelism is not None:
                 _set_intra_op_parallelism(self.intra_op_parallelism)
             if self._index_dir:
-                self.inventory = Inventory(self._index_dir, snapshot_every=self._snapshot_every)
+                self.inventory = Inventory(self._index_dir, snapshot_every=self._snapshot_every,
+                                           wal_recovery=self._wal_recovery)
             self.models.start()
             self._grpc = self._build_grpc_server()
             address = f"[{self.host}]:{self._requested_port}" if ":" in self.host else \
@@ -444,42 +455,33 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.inventory is not None:
             inventory_pb2_grpc.add_InventoryServiceServicer_to_server(
-                InventoryServicer(self.inventory, self._embed_images, self._model_dim, limits), server)
+                InventoryServicer(self.inventory, lambda images: check_images(images, "images", limits), limits),
+                server)
         return server
 
     def _extend_signatures(self, servable):
-        """The live `search` signature for a version, if its embeddings fit the inventory."""
+        """Pairs a version with its own index (see `fgkeras.serving.inventory`) and gives it the live
+        `search`; a version without an index gets it too, answered by the newest version that has one."""
+        from fgkeras.export import model_record
+
         embed = embed_signature(servable)
         if embed is None:
             raise ValueError(f"version {servable.version} has no `embed` / `serving_default` signature from "
                              "string images to float32 [None, D] embeddings, which a live inventory needs")
-        made, held = embedding_dim(embed), self.inventory.dim
-        if None not in (made, held) and made != held:
-            raise ValueError(f"version {servable.version} makes {made}-d embeddings but the inventory at "
-                             f"{self.inventory.index_dir} holds {held}-d vectors")
-        return {"search": LiveSearchSignature(embed, self.inventory, default_k=self.default_k)}
+        (key,) = embed.inputs
+        output = "embeddings" if "embeddings" in embed.outputs else next(iter(embed.outputs))
 
-    def _model_dim(self):
-        """The embedding dimension of the latest version, when its signature declares it."""
-        servable = self.models.latest()
-        signature = embed_signature(servable) if servable is not None else None
-        return embedding_dim(signature) if signature is not None else None
+        def embed_images(images):
+            outputs = self._executor.run(servable, embed, {key: images}, len(images), None)
+            return outputs[output]
 
-    def _embed_images(self, images, version, deadline):
-        """Embeds encoded images for an upsert with the latest (or the given) version."""
-        spec = model_pb2.ModelSpec(name=self.model_name)
-        if version:
-            spec.version.value = version
-        check_images(images, "images", self.limits)
-        with self.models.acquire(spec) as servable:
-            signature = embed_signature(servable)
-            if signature is None:
-                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"version {servable.version} has no signature that embeds images")
-            (key,) = signature.inputs
-            output = "embeddings" if "embeddings" in signature.outputs else next(iter(signature.outputs))
-            outputs = self._executor.run(servable, signature, {key: images}, len(images), deadline)
-            return outputs[output], servable.version
+        record = model_record(servable.path, self.model_name, servable.version)
+        self.inventory.attach(servable.version, record, embed_images)
+        return {"search": LiveSearchSignature(embed, self.inventory, servable.version, default_k=self.default_k)}
+
+    def _release_version(self, servable):
+        if self.inventory is not None:
+            self.inventory.detach(servable.version)
 
 
 def _set_intra_op_parallelism(threads):

@@ -58,8 +58,13 @@ def test_inventory_errors(kit, model_root, tmp_path):
             (lambda: client.inventory_stub.Upsert(inventory_pb2.UpsertRequest(ids=["x", "y"], images=images[:1])),
              grpc.StatusCode.INVALID_ARGUMENT, "2 ids need 2 images"),
             (lambda: client.upsert(["b"], [b"junk"]), grpc.StatusCode.INVALID_ARGUMENT, "images[0] is not a JPEG"),
-            (lambda: client.upsert(["b"], embeddings=np.ones((1, 3))), grpc.StatusCode.INVALID_ARGUMENT,
-             "makes 8-d embeddings; received 3-d"),
+            (lambda: client.upsert(["b"], embeddings=np.ones((1, 3)), version=1), grpc.StatusCode.INVALID_ARGUMENT,
+             "version 1's index refuses these vectors"),
+            (lambda: client.inventory_stub.Upsert(inventory_pb2.UpsertRequest(
+                ids=["b"], embeddings=inventory_pb2.Embeddings(dim=1, values=[1.0])), timeout=10),
+             grpc.StatusCode.INVALID_ARGUMENT, "must name the model version"),
+            (lambda: client.upsert(["b"], embeddings=np.ones((1, 8)) / np.sqrt(8), version=7),
+             grpc.StatusCode.FAILED_PRECONDITION, "version 7 has no index"),
             (lambda: client.upsert(["c", "c"], images), grpc.StatusCode.INVALID_ARGUMENT, "unique"),
             (lambda: client.delete(["a", "zz"]), grpc.StatusCode.NOT_FOUND, "'zz'"),
             (lambda: client.search(images, k=0), grpc.StatusCode.INVALID_ARGUMENT, "'k'"),
@@ -70,7 +75,9 @@ def test_inventory_errors(kit, model_root, tmp_path):
             assert error.value.code() == code and fragment in error.value.details(), error.value.details()
         assert client.count() == 1
         unit = np.ones((2, 8), np.float32) / np.sqrt(8)
-        assert client.upsert(["e1", "e2"], embeddings=unit)["count"] == 3
+        assert client.upsert(["e1", "e2"], embeddings=unit, version=1)["count"] == 3
+        with pytest.raises(ValueError, match="pass `version`"):
+            client.upsert(["e3"], embeddings=unit[:1])
 
 
 def test_restart_keeps_acknowledged_upserts(kit, model_root, tmp_path):
@@ -79,17 +86,31 @@ def test_restart_keeps_acknowledged_upserts(kit, model_root, tmp_path):
     with kit.running(model_root, index_dir=index_dir) as server, Client(server.address) as client:
         client.upsert(["a", "b", "c", "d"], gallery)
         client.delete(["d"])
-    assert sorted(Index.load(index_dir).ids.tolist()) == ["a", "b", "c"]  # snapshotted at shutdown
+    assert sorted(Index.load(os.path.join(index_dir, "1")).ids.tolist()) == ["a", "b", "c"]  # saved at shutdown
     with kit.running(model_root, index_dir=index_dir) as server, Client(server.address) as client:
         assert client.count() == 3
         ids, _ = client.search(gallery[:3], k=1)
         assert ids[:, 0].tolist() == ["a", "b", "c"]
 
 
-def test_a_model_whose_embeddings_do_not_fit_the_index_is_refused(kit, model_root, tmp_path):
+def test_an_index_made_by_another_model_is_never_searched(kit, model_root, tmp_path):
+    index_dir = tmp_path / "gallery"
+    foreign = ExactIndex().build(np.eye(8, dtype=np.float32), [f"x{i}" for i in range(8)])
+    foreign.metadata = {"model": {"name": "tiny", "version": 1, "fingerprint": "tf:another-model"}, "log_seq": 0}
+    foreign.save(index_dir / "1")
+    images = kit.random_images(2)
+    with kit.running(model_root, index_dir=str(index_dir)) as server, Client(server.address) as client:
+        np.testing.assert_allclose(client.embed(images), kit.reference_embeddings(
+            os.path.join(model_root, "1"), images), atol=1e-6)   # embed still served
+        with pytest.raises(grpc.RpcError) as error:
+            client.search(images, k=3)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "fgkeras index" in error.value.details()
+
+
+def test_an_index_without_a_model_version_is_refused_with_the_way_out(kit, model_root, tmp_path):
     index_dir = str(tmp_path / "gallery")
-    ExactIndex().build(np.eye(5, dtype=np.float32), [f"x{i}" for i in range(5)]).save(index_dir)
-    with pytest.raises(ValueError, match="8-d embeddings but the inventory .* holds 5-d"):
+    ExactIndex().build(np.eye(8, dtype=np.float32), [f"x{i}" for i in range(8)]).save(index_dir)
+    with pytest.raises(ValueError, match="without a model version.*fgkeras index"):
         with kit.running(model_root, index_dir=index_dir):
             pass
 

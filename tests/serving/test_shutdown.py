@@ -93,8 +93,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits(kit, model_root, tmp_pat
     # the graceful stop snapshotted the inventory
     from fgkeras.index import Index
 
-    assert Index.load(str(tmp_path / "gallery")).ids.tolist() == ["a"]
-    assert os.path.getsize(str(tmp_path / "gallery") + ".wal") == 0
+    assert Index.load(str(tmp_path / "gallery" / "1")).ids.tolist() == ["a"]  # saved at the shutdown
+    assert Index.load(str(tmp_path / "gallery" / "1")).metadata["log_seq"] == 1
 
 
 def test_acknowledged_upserts_survive_sigkill(kit, model_root, tmp_path):
@@ -109,7 +109,7 @@ def test_acknowledged_upserts_survive_sigkill(kit, model_root, tmp_path):
     finally:
         server.process.kill()  # no graceful shutdown, no snapshot
         server.finish()
-    assert not os.path.exists(os.path.join(index_dir, "manifest.json"))
+    assert not os.path.exists(os.path.join(index_dir, "1", "manifest.json"))  # all in the log
     with kit.running(model_root, index_dir=index_dir) as restarted, Client(restarted.address) as client:
         assert client.count() == 4
         ids, scores = client.search(gallery[1:2], k=2)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fgkeras/serving/protos/inventory.proto\x12\x0f\x66gkeras.serving\")\n\nEmbeddings\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"t\n\rUpsertRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12/\n\nembeddings\x18\x03 \x01(\x0b\x32\x1b.fgkeras.serving.Embeddings\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"Y\n\x0eUpsertResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\nmissing_ok\x18\x02 \x01(\x08\"0\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x0e\n\x0c\x43ountRequest\"+\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\"k\n\tLogRecord\x12\x12\n\nupsert_ids\x18\x01 \x03(\t\x12\x36\n\x11upsert_embeddings\x18\x02 \x01(\x0b\x32\x1b.fgkeras.serving.Embeddings\x12\x12\n\ndelete_ids\x18\x03 \x03(\t2\xf0\x01\n\x10InventoryService\x12I\n\x06Upsert\x12\x1e.fgkeras.serving.UpsertRequest\x1a\x1f.fgkeras.serving.UpsertResponse\x12I\n\x06\x44\x65lete\x12\x1e.fgkeras.serving.DeleteRequest\x1a\x1f.fgkeras.serving.DeleteResponse\x12\x46\n\x05\x43ount\x12\x1d.fgkeras.serving.CountRequest\x1a\x1e.fgkeras.serving.CountResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fgkeras/serving/protos/inventory.proto\x12\x0f\x66gkeras.serving\")\n\nEmbeddings\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"t\n\rUpsertRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12/\n\nembeddings\x18\x03 \x01(\x0b\x32\x1b.fgkeras.serving.Embeddings\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"k\n\x0eUpsertResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x10\n\x08versions\x18\x05 \x03(\x03\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\nmissing_ok\x18\x02 \x01(\x08\"0\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"%\n\x0c\x43ountRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\"B\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"\xbe\x01\n\tLogRecord\x12\x12\n\nupsert_ids\x18\x01 \x03(\t\x12\x36\n\x11upsert_embeddings\x18\x02 \x01(\x0b\x32\x1b.fgkeras.serving.Embeddings\x12\x12\n\ndelete_ids\x18\x03 \x03(\t\x12\x15\n\rupsert_images\x18\x04 \x03(\x0c\x12:\n\x0eupsert_vectors\x18\x05 \x03(\x0b\x32\".fgkeras.serving.VersionEmbeddings\"U\n\x11VersionEmbeddings\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12/\n\nembeddings\x18\x02 \x01(\x0b\x32\x1b.fgkeras.serving.Embeddings2\xf0\x01\n\x10InventoryService\x12I\n\x06Upsert\x12\x1e.fgkeras.serving.UpsertRequest\x1a\x1f.fgkeras.serving.UpsertResponse\x12I\n\x06\x44\x65lete\x12\x1e.fgkeras.serving.DeleteRequest\x1a\x1f.fgkeras.serving.DeleteResponse\x12\x46\n\x05\x43ount\x12\x1d.fgkeras.serving.CountRequest\x1a\x1e.fgkeras.serving.CountResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTREQUEST']._serialized_start=102
   _globals['_UPSERTREQUEST']._serialized_end=218
   _globals['_UPSERTRESPONSE']._serialized_start=220
-  _globals['_UPSERTRESPONSE']._serialized_end=309
-  _globals['_DELETEREQUEST']._serialized_start=311
-  _globals['_DELETEREQUEST']._serialized_end=359
-  _globals['_DELETERESPONSE']._serialized_start=361
-  _globals['_DELETERESPONSE']._serialized_end=409
-  _globals['_COUNTREQUEST']._serialized_start=411
-  _globals['_COUNTREQUEST']._serialized_end=425
-  _globals['_COUNTRESPONSE']._serialized_start=427
-  _globals['_COUNTRESPONSE']._serialized_end=470
-  _globals['_LOGRECORD']._serialized_start=472
-  _globals['_LOGRECORD']._serialized_end=579
-  _globals['_INVENTORYSERVICE']._serialized_start=582
-  _globals['_INVENTORYSERVICE']._serialized_end=822
+  _globals['_UPSERTRESPONSE']._serialized_end=327
+  _globals['_DELETEREQUEST']._serialized_start=329
+  _globals['_DELETEREQUEST']._serialized_end=377
+  _globals['_DELETERESPONSE']._serialized_start=379
+  _globals['_DELETERESPONSE']._serialized_end=427
+  _globals['_COUNTREQUEST']._serialized_start=429
+  _globals['_COUNTREQUEST']._serialized_end=466
+  _globals['_COUNTRESPONSE']._serialized_start=468
+  _globals['_COUNTRESPONSE']._serialized_end=534
+  _globals['_LOGRECORD']._serialized_start=537
+  _globals['_LOGRECORD']._serialized_end=727
+  _globals['_VERSIONEMBEDDINGS']._serialized_start=729
+  _globals['_VERSIONEMBEDDINGS']._serialized_end=814
+  _globals['_INVENTORYSERVICE']._serialized_start=817
+  _globals['_INVENTORYSERVICE']._serialized_end=1057
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,8 @@ class InventoryServiceServicer:
 
     def Upsert(self, request, context):
         """Adds items, or replaces the vectors of ids already in the inventory. The reply is sent only
-        once the change is durable (written to the inventory's log and flushed to disk).
+        once the change is durable (written to the inventory's log and flushed to disk) and every
+        version it concerns holds it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
