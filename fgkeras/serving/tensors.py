@@ -60,15 +60,14 @@ def shape_of(proto, name):
 def check_size(proto, name, shape, max_bytes):
     """The bytes the array of `proto` (of the declared `shape`) will take; INVALID_ARGUMENT over `max_bytes`.
 
-    Numbers take `elements × itemsize`; strings a pointer each plus their bytes (bounded by the
-    proto's serialized size, which protobuf knows without copying them). Unsupported dtypes are
-    left to `to_ndarray` to refuse.
+    Numbers take `elements × itemsize`; strings their bytes, which the proto's serialized size
+    bounds (protobuf knows it without copying them; a request gRPC accepted is within its limit, a
+    warm-up record read from disk need not be). Unsupported dtypes are left to `to_ndarray`.
     """
-    count = math.prod(shape)
     if proto.dtype == types_pb2.DT_STRING:
-        size = 8 * count + proto.ByteSize()
+        size = proto.ByteSize()
     elif proto.dtype in NUMERIC:
-        size = count * NUMERIC[proto.dtype][0].itemsize
+        size = math.prod(shape) * NUMERIC[proto.dtype][0].itemsize
     else:
         return 0
     if size > max_bytes:

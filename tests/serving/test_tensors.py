@@ -134,3 +134,16 @@ def test_parse_reads_a_request_that_fits():
     assert rows == 2 and payload["images"].tolist() == [png, png] and payload["weights"].shape == (2, 3)
     with pytest.raises(ServingError, match="needs 2 string values; it has 1"):
         _signature().parse({**inputs, "images": _declared(types_pb2.DT_STRING, [2], string_val=[png])}, Limits())
+
+
+def test_check_size_counts_numbers_from_the_shape_and_strings_from_the_proto():
+    from fgkeras.serving.tensors import check_size
+
+    floats = _declared(types_pb2.DT_FLOAT, [1000, 1000])
+    assert check_size(floats, "x", (1000, 1000), 4_000_000) == 4_000_000
+    with pytest.raises(ServingError, match="takes 4000000 bytes; the limit is 3999999"):
+        check_size(floats, "x", (1000, 1000), 3_999_999)
+    strings = _declared(types_pb2.DT_STRING, [2], string_val=[b"a" * 1000, b"b" * 1000])
+    assert 2000 < check_size(strings, "s", (2,), 2100) <= 2100  # a request near the limit still fits
+    with pytest.raises(ServingError, match="bytes; the limit is 1999"):
+        check_size(strings, "s", (2,), 1999)
