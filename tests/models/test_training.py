@@ -90,3 +90,23 @@ def test_rate_multipliers_refuse_shared_paths():
     optimizer = make_optimizer("sgd", 0.1, rate_multipliers=rate_multipliers_for([first], 0.1))
     with pytest.raises(ValueError, match="several variables share the paths"):
         optimizer.build([first, second])
+
+
+def test_rate_multipliers_hold_under_mirrored_strategy(mirrored_strategy):
+    import tensorflow as tf
+
+    with mirrored_strategy.scope():
+        slow, fast = _two_variables()
+        optimizer = make_optimizer("sgd", 0.1, momentum=0.0, rate_multipliers=rate_multipliers_for([slow], 0.1))
+        optimizer.build([slow, fast])
+
+    @tf.function
+    def step():
+        def apply():
+            gradient = tf.fill([3], 0.5)
+            optimizer.apply([gradient, gradient], [slow, fast])
+        mirrored_strategy.run(apply)
+
+    step()
+    np.testing.assert_allclose(1 - np.asarray(slow), 0.1 * (1 - np.asarray(fast)), rtol=1e-4)
+    assert np.all(1 - np.asarray(fast) > 0)
