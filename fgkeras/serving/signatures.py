@@ -119,6 +119,10 @@ class Signature:
         if rows == 0:
             raise invalid_argument(f"the request to signature {self.name!r} is an empty batch")
         payload = {key: self._parse_input(key, request_inputs[key], limits) for key in sorted(keys)}
+        pixels = 0  # the pixel budget is the request's, over all its image inputs
+        for key in sorted(keys):
+            if is_image_input(key, self.inputs[key][0]):
+                pixels = check_images(payload[key], key, limits, spent=pixels)
         return payload, rows or 1
 
     def _check_proto(self, key, proto, limits):
@@ -138,28 +142,28 @@ class Signature:
         return shape
 
     def _parse_input(self, key, proto, limits):
-        """The array of input `key` (its proto already passed `_check_proto`), images checked."""
-        dtype, _ = self.inputs[key]
-        array = tensors.to_ndarray(proto, key, max_elements=limits.max_request_bytes)
-        if is_image_input(key, dtype):
-            check_images(array, key, limits)
-        return array
+        """The array of input `key` (its proto already passed `_check_proto`)."""
+        return tensors.to_ndarray(proto, key, max_elements=limits.max_request_bytes)
 
     def run_many(self, payloads):
         raise NotImplementedError
 
 
-def check_images(array, key, limits):
-    """Checks encoded images against `limits` before anything decodes them; returns their pixels.
+def check_images(array, key, limits, spent=0):
+    """Checks encoded images against `limits` before anything decodes them.
 
     Each image is checked alone (`max_image_side`, `max_image_pixels`, `max_animation_frames`),
-    then the pixels they decode to together against `max_pixels_per_request`.
+    then the pixels they decode to together, with the `spent` pixels of the request's other image
+    inputs, against `max_pixels_per_request`.
+
+    Returns:
+        `spent` plus the pixels of these images.
 
     Raises:
         ServingError (INVALID_ARGUMENT): naming the first element that is not an acceptable
             image, or the element at which the request's pixels exceed the budget.
     """
-    total = 0
+    total = spent
     for position, data in enumerate(np.asarray(array, dtype=object).ravel()):
         try:
             header = check_image(data, limits.max_image_side, limits.max_image_pixels, limits.max_animation_frames)
@@ -167,9 +171,10 @@ def check_images(array, key, limits):
             raise invalid_argument(f"{key}[{position}] {error}") from None
         total += header.pixels
         if total > limits.max_pixels_per_request:
+            others = f" (with {spent} of the request's other images)" if spent else ""
             raise invalid_argument(
-                f"{key}[0..{position}] decode to {total} pixels, over the server's max_pixels_per_request of "
-                f"{limits.max_pixels_per_request}; send fewer or smaller images per request")
+                f"{key}[0..{position}] decode to {total} pixels{others}, over the server's max_pixels_per_request "
+                f"of {limits.max_pixels_per_request}; send fewer or smaller images per request")
     return total
 
 

@@ -147,3 +147,21 @@ def test_check_size_counts_numbers_from_the_shape_and_strings_from_the_proto():
     assert 2000 < check_size(strings, "s", (2,), 2100) <= 2100  # a request near the limit still fits
     with pytest.raises(ServingError, match="bytes; the limit is 1999"):
         check_size(strings, "s", (2,), 1999)
+
+
+def test_the_pixel_budget_is_the_requests_over_all_its_image_inputs():
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from fgkeras.serving import Limits
+    from fgkeras.serving.signatures import PREDICT_METHOD, Signature, tensor_info
+
+    signature_def = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+    for key in ("query_images", "gallery_images"):
+        signature_def.inputs[key].CopyFrom(tensor_info(f"{key}:0", types_pb2.DT_STRING, [-1]))
+    signature_def.outputs["out"].CopyFrom(tensor_info("out:0", types_pb2.DT_FLOAT, [-1]))
+    png = encode_png(np.zeros((10, 10, 3), np.uint8))  # 100 pixels
+    inputs = {key: make_proto(np.array([png] * 3, dtype=object)) for key in signature_def.inputs}
+    assert Signature("pair", signature_def).parse(inputs, Limits(max_pixels_per_request=600))[1] == 3
+    with pytest.raises(ServingError, match=r"query_images\[0..2\] decode to 600 pixels \(with 300 of the request's "
+                                           r"other images\), over the server's max_pixels_per_request of 599"):
+        Signature("pair", signature_def).parse(inputs, Limits(max_pixels_per_request=599))
