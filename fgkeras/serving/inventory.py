@@ -166,7 +166,7 @@ class Inventory:
             index.metadata = {**index.metadata, "model": dict(record)}
             state = _Version(version, index, record, embed)
             replayed = self._replay(state)
-            self._versions[version] = state
+            self._versions = {**self._versions, version: state}  # replaced whole: searches read it unlocked
             if replayed:
                 self._save(state)
             self._maybe_retrain(state)
@@ -177,9 +177,10 @@ class Inventory:
     def detach(self, version):
         """Saves a version's index (when it changed) and stops updating it: the version was unloaded."""
         with self._write_lock:
-            state = self._versions.pop(version, None)
+            state = self._versions.get(version)
             if state is None:
                 return
+            self._versions = {v: other for v, other in self._versions.items() if v != version}
             state.detached = True
             self._save(state)
         logger.info("version %d detached from its index", version)

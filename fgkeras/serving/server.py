@@ -6,9 +6,12 @@ Services on one port:
   `model_spec.version` pins a version, none means the latest; `signature_name` defaults to
   `serving_default`) and `GetModelMetadata` (`signature_def`, as TF Serving answers it).
 - `tensorflow.serving.ModelService`: `GetModelStatus`.
-- `fgkeras.serving.InventoryService` (`protos/inventory.proto`), when the server has an index:
-  `Upsert`, `Delete`, `Count`; the `search` signature is then the model's `embed` followed by a
-  search of that live index, so a search sees every acknowledged change.
+- `fgkeras.serving.InventoryService` (`protos/inventory.proto`), when the server has an inventory
+  (`index_dir` = `indexes/<name>`): `Upsert`, `Delete`, `Count`; the `search` signature is then the
+  version's `embed` followed by a search of that version's own live index
+  (`indexes/<name>/<version>/`, see `fgkeras.serving.inventory`), so a search sees every
+  acknowledged change and never another version's vectors; a version without an index has its
+  searches answered by the newest version with one, whose number the response carries.
 - `grpc.health.v1.Health`: SERVING once a version is loaded, NOT_SERVING while shutting down.
 
 Any TF Serving client works unchanged (`prediction_service_pb2_grpc.PredictionServiceStub`); the
@@ -21,9 +24,11 @@ as `{"b64": ...}`; `GET /v1/models/<name>[/versions/<v>]` (status) and `.../meta
 runs the same code as its gRPC twin, with the same limits; errors are `{"error": "..."}` with the
 HTTP code TF Serving gives the status (400 INVALID_ARGUMENT, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED ...).
 
-Errors are gRPC statuses: NOT_FOUND for an unknown model, version or signature; INVALID_ARGUMENT
-saying what is wrong with a tensor or an image; RESOURCE_EXHAUSTED when a request is too large or
-the server is saturated; DEADLINE_EXCEEDED when the client's deadline passed in the queue.
+Errors are gRPC statuses, with TF Serving's codes: NOT_FOUND for an unknown model or version;
+FAILED_PRECONDITION for an unknown signature, or a search when no served version has an index;
+INVALID_ARGUMENT for an unknown version label and saying what is wrong with a tensor or an image;
+RESOURCE_EXHAUSTED when a request is too large or the server is saturated; DEADLINE_EXCEEDED when
+the client's deadline passed in the queue.
 
 Example:
 ```python
