@@ -6,11 +6,11 @@ for an animation, its number of frames — so an image whose pixels would not fi
 limits is refused before a decoder allocates anything, and bytes that are not an image get a
 message that says so rather than a decoder's. A few kilobytes can declare billions of pixels:
 
-- a PNG, JPEG, BMP or WebP header states any width and height up to 2^31 (2^14 for WebP);
+- a PNG or BMP header states any width and height below 2^31, a JPEG below 2^16, a WebP up to 2^24;
 - a GIF's logical screen says little: TensorFlow's GIF decoder (giflib's `DGifSlurp`) first
   decompresses every frame at the frame's *own* size, then paints each one on a screen-sized
-  canvas. A 1 x 1 screen can hold a 46,000 x 46,000 frame (2 GB of raster from ~10 KB of LZW
-  data), and 16 MiB holds ~2,700 frames of 4096 x 4096 (16 MiB of raster each, all kept).
+  canvas. A 1 x 1 screen can hold a 46,000 x 46,000 frame (2 GB of raster from under 1 MB of
+  LZW data), and 16 MiB holds ~2,700 frames of 4096 x 4096 (16 MiB of raster each, all kept).
 
 So every GIF frame is read: it must lie inside the logical screen (legitimate encoders never
 write a frame that sticks out; TensorFlow would clip it after decompressing it whole), and the
