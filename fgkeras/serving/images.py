@@ -161,7 +161,8 @@ def _gif_header(data):
         elif block == 0x2C:  # image descriptor: a frame
             if position + 10 > end:
                 raise ImageError(f"is a truncated GIF ({end} bytes, inside the descriptor of frame {frames})")
-            left, top, frame_width, frame_height, frame_flags = struct.unpack("<HHHHB", data[position + 1:position + 10])
+            descriptor = data[position + 1:position + 10]
+            left, top, frame_width, frame_height, frame_flags = struct.unpack("<HHHHB", descriptor)
             if left + frame_width > width or top + frame_height > height:
                 raise ImageError(f"is a GIF whose frame {frames} ({frame_width} x {frame_height} at {left}, {top}) "
                                  f"does not fit its {width} x {height} screen")
