@@ -32,12 +32,55 @@ def datasets(skip_cars=False, only_cars=False):
     return found
 
 
-def budget(config):
-    return (f"ResNet-18 width {config.model.width}, {config.data.image_size} px, "
-            f"{config.train.epochs}×{config.train.steps_per_epoch} steps of "
-            f"{config.train.classes_per_batch}×{config.train.images_per_class} images, "
-            f"{config.train.optimizer} lr {config.train.learning_rate} (cosine), random init, "
-            f"augmentation {'on' if config.data.augment else 'off'}.")
+def optimizer_note(train):
+    """The optimizer and its settings, as `fgkeras.models.make_optimizer` gets them."""
+    settings = [f"momentum {train.momentum}"] if train.optimizer == "sgd" else [f"β1 {train.beta_1}",
+                                                                               f"β2 {train.beta_2}"]
+    if train.weight_decay:
+        settings.append(f"weight decay {train.weight_decay}")
+    elif train.optimizer == "adamw":
+        settings.append("weight decay 0.004 (Keras's default)")
+    return f"{train.optimizer} lr {train.learning_rate} ({', '.join(settings)})"
+
+
+def schedule_note(train, htg=False):
+    """How the learning rate moves over the budget (`experiments.train`'s rules)."""
+    if htg and train.decay_epochs:
+        return f"the paper's step decay (÷10 every {train.decay_epochs} epochs of each phase)"
+    if train.restart_schedule:
+        return (f"a cosine per phase (warm restart after epoch {train.warmup_epochs})" if htg else
+                f"cosine with a warm restart after epoch {train.warmup_epochs}")
+    return "one cosine decay over the whole budget"
+
+
+def backbone_note(config):
+    """The backbone, its initialisation and its fine-tuning recipe."""
+    model = config.model
+    note = f"{model.backbone} width {model.width}, " + (f"from {model.preset}" if model.preset else "random init")
+    if model.freeze_bn:
+        note += ", batch norms frozen"
+    if config.train.backbone_lr_multiplier != 1.0:
+        note += f", backbone lr ×{config.train.backbone_lr_multiplier}"
+    return note
+
+
+def selection_note(train):
+    """Which epoch's weights are evaluated."""
+    if not train.validation_classes:
+        return "the last epoch's weights (no held-out classes)"
+    which = "the best epoch's weights" if train.restore_best else "the last epoch's weights"
+    stop = f", early stopping after {train.patience} evaluations without gain" if train.patience else ""
+    every = "after every epoch" if train.validation_every == 1 else f"every {train.validation_every} epochs"
+    return f"{which} by Recall@1 on {train.validation_classes:.0%} of the train classes held out ({every}{stop})"
+
+
+def budget(config, htg=False):
+    """The note under a table: everything the rows share, read from the config they ran with."""
+    train = config.train
+    return (f"{backbone_note(config)}, {config.data.image_size} px, "
+            f"{train.epochs}×{train.steps_per_epoch} steps of {train.classes_per_batch}×{train.images_per_class} "
+            f"images, {optimizer_note(train)} on {schedule_note(train, htg)}, "
+            f"augmentation {'on' if config.data.augment else 'off'}; evaluated with {selection_note(train)}.")
 
 
 def comparison_parser(description):

@@ -40,6 +40,17 @@ ABLATIONS = {
 }
 
 
+def htg_note(config):
+    """HTG's recipe as the config sets it (each row's changes from it are in its label)."""
+    train, model = config.train, config.model
+    warmup = {"random": "random", "batch_hard": "batch-hard"}.get(train.warmup_triplets, train.warmup_triplets)
+    game = {"random": "random", "batch_hard": "batch-hard"}.get(train.triplets, train.triplets)
+    kpm = f"KPM on {model.kpm_levels}" + ("" if model.kpm else " for the +KPM rows")
+    return (f"HTG: {train.warmup_epochs} of the {train.epochs} epochs on the basic model (no-bias softmax + "
+            f"{warmup} triplets, lr {train.warmup_learning_rate}), the rest on the game ({game} triplets, "
+            f"μ = {train.mu}, β = {train.beta}, γ = {train.gamma}); {kpm}.")
+
+
 def step_ratios(image_size=64, width=0.5, steps=20):
     """Images/s of the batch-hard basic step, the HTG game step and plain fit, same batch."""
     from fgkeras import losses
@@ -85,10 +96,8 @@ def main():
         rows = _common.compare_variants(config, variants, range(args.seeds), METRICS)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
-        note = (f"HTG: {config.train.warmup_epochs} of the {config.train.epochs} epochs on the basic "
-                f"model (no-bias softmax + batch-hard), the rest on the game; every method on one cosine "
-                f"decay over the whole budget. ")
-        print("wrote", _common.write_results(f"{prefix}_{slug}", [(name, table + "\n\n" + note + budget(config))]))
+        note = htg_note(config) + " " + budget(config, htg=True)
+        print("wrote", _common.write_results(f"{prefix}_{slug}", [(name, table + "\n\n" + note)]))
     if not args.skip_step_time:
         ratios = step_ratios()
         print(ratios)
