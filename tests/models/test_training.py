@@ -110,3 +110,15 @@ def test_rate_multipliers_hold_under_mirrored_strategy(mirrored_strategy):
     step()
     np.testing.assert_allclose(1 - np.asarray(slow), 0.1 * (1 - np.asarray(fast)), rtol=1e-4)
     assert np.all(1 - np.asarray(fast) > 0)
+
+
+def test_a_model_compiled_with_rate_multipliers_round_trips_through_a_keras_file(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="body"), keras.layers.Dense(2, name="head")])
+    body = model.get_layer("body").trainable_variables
+    model.compile(optimizer=make_optimizer("sgd", 0.1, momentum=0.5, rate_multipliers=rate_multipliers_for(body, 0.1)),
+                  loss="mse")
+    model.fit(np.ones((4, 4)), np.zeros((4, 2)), epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(restored.optimizer).__name__ == "MultiRateSGD" and restored.optimizer.momentum == 0.5
+    assert restored.optimizer.rate_multipliers == {v.path: 0.1 for v in body}
