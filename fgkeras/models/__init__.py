@@ -3,6 +3,7 @@
 from fgkeras.models.backbones import BACKBONES, build_backbone, feature_maps, freeze_batch_norm
 from fgkeras.models.baselines import BASELINES, MetricLearner, build_baseline
 from fgkeras.models.embedder import Embedder, build_embedder
+from fgkeras.models.fggan import CanonicalEmbedder, ViewNormalizingGAN, build_fggan
 from fgkeras.models.htg import HardTripletGAN, KeypointEmbedder, build_htg, train_htg
 from fgkeras.models.training import (
     OPTIMIZERS,
@@ -17,6 +18,7 @@ from fgkeras.models.training import (
 __all__ = [
     "BACKBONES",
     "BASELINES",
+    "CanonicalEmbedder",
     "Embedder",
     "HardTripletGAN",
     "KeypointEmbedder",
@@ -26,9 +28,11 @@ __all__ = [
     "MultiRateSGD",
     "OPTIMIZERS",
     "ShiftedSchedule",
+    "ViewNormalizingGAN",
     "build_backbone",
     "build_baseline",
     "build_embedder",
+    "build_fggan",
     "build_htg",
     "feature_maps",
     "freeze_batch_norm",
