@@ -245,13 +245,18 @@ class LiveSearchSignature(Signature):
     Outputs: `ids` string `[None, k]` and `scores` float32 `[None, k]` (inner products, best first;
     fewer than k columns when the inventory holds fewer items).
 
+    The queries are embedded by this signature's version and searched in that version's own
+    index; a version without one has its searches answered by the newest version that has one
+    (`answering_version`, which the server resolves before running the request).
+
     Args:
         embed: the servable's `embed` signature (a `SavedModelSignature` with one string input).
         inventory: an `fgkeras.serving.inventory.Inventory`.
+        version: the servable's version.
         default_k: neighbours when the request has no `k`.
     """
 
-    def __init__(self, embed, inventory, default_k=10):
+    def __init__(self, embed, inventory, version, default_k=10):
         signature_def = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
         signature_def.inputs["images"].CopyFrom(tensor_info("images:0", types_pb2.DT_STRING, [-1]))
         signature_def.inputs["k"].CopyFrom(tensor_info("k:0", types_pb2.DT_INT32, []))
@@ -264,7 +269,12 @@ class LiveSearchSignature(Signature):
         (self._embed_input,) = embed.inputs
         self._embed_output = "embeddings" if "embeddings" in embed.outputs else next(iter(embed.outputs))
         self._inventory = inventory
+        self.version = version
         self.default_k = default_k
+
+    def answering_version(self):
+        """The version whose embeddings and index answer this version's searches."""
+        return self._inventory.answering(self.version)
 
     def _check_proto(self, key, proto, limits):
         if key != "k":
@@ -293,7 +303,7 @@ class LiveSearchSignature(Signature):
     def run_many(self, payloads):
         images = np.concatenate([p["images"] for p in payloads]) if len(payloads) > 1 else payloads[0]["images"]
         queries = self._embed.call({self._embed_input: images})[self._embed_output]
-        ids, scores = self._inventory.search(queries, max(p["k"] for p in payloads))
+        ids, scores = self._inventory.search(self.version, queries, max(p["k"] for p in payloads))
         sizes = [len(p["images"]) for p in payloads]
         parts = split({"ids": ids, "scores": scores}, sizes)
         return [{"ids": part["ids"][:, :p["k"]], "scores": part["scores"][:, :p["k"]]}
