@@ -181,7 +181,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
         for field in request.metadata_field:
             if field != SIGNATURE_DEF_FIELD:
-                raise invalid_argument(f"Metadata field {field!r} is not supported (only {SIGNATURE_DEF_FIELD!r})")
+                raise invalid_argument(f"Metadata field {field} is not supported")  # TF Serving's words
         with self._models.acquire(request.model_spec) as servable:
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = servable.name
