@@ -123,7 +123,8 @@ class Writer:
     """Sends changes to its own ids (`<name>-<n>`), one at a time (`stream`, a thread's target).
 
     `state` maps each id to the key of its image, as acknowledged; `pending` is the change whose
-    call did not return OK (in flight at the kill), None when there is none.
+    call did not return OK (in flight at the kill), None when there is none; `failure` is when
+    (`time.monotonic()`) and how that call failed.
     """
 
     def __init__(self, name, keys, seed, max_items):
@@ -134,6 +135,7 @@ class Writer:
         self.max_items = max_items
         self.state = {}
         self.pending = None
+        self.failure = None
         self.acknowledged = {"upsert": 0, "delete": 0}
 
     def next_change(self):
@@ -158,7 +160,8 @@ class Writer:
                         client.upsert(change.ids, images=[image_of(k) for k in change.keys])
                     else:
                         client.delete(change.ids)
-                except grpc.RpcError:
+                except grpc.RpcError as error:
+                    self.failure = (time.monotonic(), f"{error.code().name}: {error.details()}")
                     return  # unacknowledged: `pending` is resolved after the restart
                 self.pending = None
                 self.apply(change)
@@ -206,6 +209,7 @@ class KillRun:
         self.writers = [Writer(f"w{n}", keys, seed * 100 + n, max_items) for n in range(writers)]
         self.server = None
         self.recoveries = []
+        self._stream_problems = []   # calls that failed while the server was alive, for the next Recovery
 
     def start(self):
         self.server = ServerProcess(self.model_root, self.index_dir, self.log_path)
@@ -220,16 +224,23 @@ class KillRun:
         for thread in threads:
             thread.start()
         time.sleep(seconds)
+        killed = time.monotonic()
         self.server.kill()
         stop.set()
         for thread in threads:
             thread.join(60)
+        for writer in self.writers:
+            if writer.failure is not None and writer.failure[0] < killed:
+                self._stream_problems.append(f"{writer.prefix}'s {writer.pending.kind} of {writer.pending.ids} "
+                                             f"failed before the kill: {writer.failure[1]}")
+            writer.failure = None
         return sum(sum(w.acknowledged.values()) for w in self.writers) - before
 
     def restart_and_verify(self, acknowledged=0):
         """Restarts the server and checks the inventory against the writers' acknowledged states."""
         server = self.start()
-        problems, lost, in_flight, applied = [], 0, 0, 0
+        problems, lost, in_flight, applied = self._stream_problems, 0, 0, 0
+        self._stream_problems = []
         with Client(server.address, timeout=60) as client:
             count = client.count()
             observed = _Observed(client, count, self.writers)
