@@ -106,6 +106,7 @@ class Inventory:
         self.log_path = os.path.join(self.root, LOG_FILE)
         self._wal = WriteAheadLog(self.log_path, recovery=wal_recovery)
         self._entries = [(entry.seq, inventory_pb2.LogRecord.FromString(entry.payload)) for entry in self._wal.entries]
+        self._wal.entries = []  # parsed above: the payloads (images) are not held twice
         self._versions = {}
         self._write_lock = threading.Lock()  # orders changes: log order = apply order
         self._changes = 0
@@ -167,8 +168,8 @@ class Inventory:
             state = _Version(version, index, record, embed)
             replayed = self._replay(state)
             self._versions = {**self._versions, version: state}  # replaced whole: searches read it unlocked
-            if replayed:
-                self._save(state)
+            if replayed:  # (a restart after a crash) so that the next one does not replay it all again
+                self._snapshot()
             self._maybe_retrain(state)
             logger.info("version %d attached to its index of %d items (%d logged changes replayed)", version,
                         len(index), replayed)
@@ -410,13 +411,26 @@ class Inventory:
     def _snapshot(self):
         for state in self._sorted_states():
             self._save(state)
-        kept = _compacted(self._entries)
+        kept = _compacted(self._entries, self._behind())
         self._wal.rewrite([_entry(seq, record) for seq, record in kept])
         dropped = len(self._entries) - len(kept)
         self._entries = kept
         self._changes = 0
         logger.info("inventory snapshot: versions %s saved; the log keeps %d records (%d dropped)",
                     self.versions, len(kept), dropped)
+
+    def _behind(self):
+        """`{version: log_seq}` of the versions that the log holds vectors of but that are not attached
+        (after a crash, or pinned out): the last record their stored index holds, 0 without one."""
+        mentioned = {v.version for _, record in self._entries for v in record.upsert_vectors}
+        behind = {}
+        for version in sorted(mentioned - set(self._versions)):
+            try:
+                with open(os.path.join(self.index_dir(version), MANIFEST)) as f:
+                    behind[version] = int(json.load(f).get("metadata", {}).get("log_seq", 0))
+            except (OSError, ValueError):  # no index saved yet: every record of it must stay
+                behind[version] = 0
+        return behind
 
     def _maybe_retrain(self, state):
         """(holds the write lock) Starts retraining a ScaNN index that is due, in the background."""
@@ -512,10 +526,15 @@ def _checked(state, ids, vectors):
     return vectors
 
 
-def _compacted(entries):
+def _compacted(entries, behind=None):
     """What the log must keep once every attached index holds `entries`: the latest image of every
     item upserted from images and not deleted since, and a tombstone of every id deleted (what an
-    index rebuilt from a gallery needs); each under the sequence number of the change it comes from."""
+    index rebuilt from a gallery needs); each under the sequence number of the change it comes from.
+    Records with vectors of a version in `behind` ({version: log_seq}, stored indexes not attached
+    now, e.g. after a crash that left them behind) that it does not hold yet are kept whole."""
+    behind = behind or {}
+    kept = {seq: record for seq, record in entries
+            if any(v.version in behind and seq > behind[v.version] for v in record.upsert_vectors)}
     images, tombstones = {}, {}
     for seq, record in entries:
         for position, item in enumerate(record.upsert_ids):
@@ -525,13 +544,16 @@ def _compacted(entries):
         for item in record.delete_ids:
             images.pop(item, None)
             tombstones[item] = seq
-    by_seq = {}
+    by_seq = dict(kept)
     for item, (seq, image) in images.items():
+        if seq in kept:
+            continue
         record = by_seq.setdefault(seq, inventory_pb2.LogRecord())
         record.upsert_ids.append(item)
         record.upsert_images.append(image)
     for item, seq in tombstones.items():
-        by_seq.setdefault(seq, inventory_pb2.LogRecord()).delete_ids.append(item)
+        if seq not in kept:
+            by_seq.setdefault(seq, inventory_pb2.LogRecord()).delete_ids.append(item)
     return sorted(by_seq.items(), key=lambda pair: pair[0])
 
 

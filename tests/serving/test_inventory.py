@@ -153,6 +153,21 @@ def test_acknowledged_changes_survive_a_crash_and_a_logged_change_is_rolled_forw
     assert sorted(Index.load(tmp_path / "cars" / "2").ids.tolist()) == ["a", "b", "c", "late", "only2"]
 
 
+def test_a_restart_compacts_the_log_but_keeps_what_a_version_left_behind_needs(tmp_path):
+    crashed, _ = _open(tmp_path / "cars", versions=(1, 2))
+    crashed.upsert_images(["a", "b"], _images("a", "b"))
+    crashed.upsert_embeddings(2, ["only2"], _vectors(1, seed=3))
+    # restarted with version 1 alone (version 2 pinned out): the log is compacted, version 2's record kept
+    alone, _ = _open(tmp_path / "cars", versions=(1,))
+    records = [inventory_pb2.LogRecord.FromString(e.payload) for e in read_entries(alone.log_path)]
+    assert ["only2"] in [list(r.upsert_ids) for r in records if r.upsert_vectors]
+    assert sorted(i for r in records if r.upsert_images for i in r.upsert_ids) == ["a", "b"]
+    both, _ = _open(tmp_path / "cars", versions=(1, 2))
+    assert _contents(both, 2) == ["a", "b", "only2"] and _contents(both, 1) == ["a", "b"]
+    records = [inventory_pb2.LogRecord.FromString(e.payload) for e in read_entries(both.log_path)]
+    assert not any(r.upsert_vectors for r in records)  # now every index holds it: compacted away
+
+
 def test_a_version_indexed_before_live_changes_gets_them_embedded_by_itself(tmp_path):
     root = tmp_path / "cars"
     gallery = ExactIndex().build(_Model(2)(_images("g1", "g2")), ["g1", "g2"])
