@@ -458,6 +458,9 @@ class ViewNormalizingGAN(keras.Model):
         return list(self.trackers.values())
 
     def call(self, images, training=False):
+        """`model.embedder` on images, or on the user photos (`image`) of a batch of pairs."""
+        if isinstance(images, dict):  # Keras builds a distributed fit by calling the model on a batch
+            images = images["image"]
         return self.embedder(images, training=training)
 
     def _check_batch(self, data):
