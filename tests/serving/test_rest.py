@@ -360,6 +360,26 @@ def test_rest_is_off_by_default_and_stops_with_the_server(kit, model_root):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
+def test_stopping_answers_503_then_closes_open_connections(kit, model_root):
+    with kit.running(model_root, rest_api_port=0) as server:
+        kept, idle = (http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30) for _ in range(2))
+        try:
+            for connection in (kept, idle):
+                assert call(server, "GET", "/v1/models/tiny", connection=connection)[0] == 200
+            time.sleep(0.5)  # both handlers back to waiting for a next request (else they close on their own)
+            server._rest.begin_stop()  # what `Server.stop` does first
+            status, headers, answer = call(server, "GET", "/v1/models/tiny", connection=kept)
+            assert status == 503 and "shutting down" in answer["error"] and headers["Connection"] == "close"
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", server.rest_port), timeout=5).close()
+            server.stop(grace=2)
+            idle.sock.settimeout(5)  # well before the server's own idle timeout (30 s)
+            assert _read_until_closed(idle.sock) == b""  # the idle keep-alive connection is closed, not left open
+        finally:
+            kept.close()
+            idle.close()
+
+
 def test_cli_has_the_rest_api_port_flag():
     from fgkeras.cli import build_parser
 
