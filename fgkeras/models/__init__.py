@@ -14,6 +14,7 @@ from fgkeras.models.training import (
     make_optimizer,
     rate_multipliers_for,
 )
+from fgkeras.models.viewgan import ViewTransformGAN, build_viewgan
 
 __all__ = [
     "BACKBONES",
@@ -28,12 +29,14 @@ __all__ = [
     "MultiRateSGD",
     "OPTIMIZERS",
     "ShiftedSchedule",
+    "ViewTransformGAN",
     "ViewNormalizingGAN",
     "build_backbone",
     "build_baseline",
     "build_embedder",
     "build_fggan",
     "build_htg",
+    "build_viewgan",
     "feature_maps",
     "freeze_batch_norm",
     "make_optimizer",
