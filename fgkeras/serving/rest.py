@@ -515,6 +515,7 @@ class RestApi:
         return _proto_json(self.model_status.status(request))
 
     def predict(self, route, body):
+        """`{"predictions": ...}` or `{"outputs": ...}` for a `:predict` body (see the module docstring)."""
         document = parse_json(body)
         signature_name = document.get("signature_name", "")
         if not isinstance(signature_name, str):
@@ -535,7 +536,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "fgkeras-serving"
-    sys_version = ""
+
+    def version_string(self):
+        return self.server_version
 
     def setup(self):
         self.timeout = self.server.rest.idle_seconds
