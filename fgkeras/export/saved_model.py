@@ -30,9 +30,16 @@ Two retrieval flavours:
 - `"scann"`: the ScaNN searcher lives in the graph (`scann_ops`); the SavedModel is saved
   with `namespace_whitelist=["Scann"]` and needs the ScaNN op library to load
   (`load_saved_model` imports it when needed; a model server must be built with the ops).
+  Exporting a `ScannIndex` carries *its own* searcher into the graph (`scann_state`: the
+  assets ScaNN serialises, so the trained partitioning and codebooks and every upsert since),
+  searched with the index's calibrated or tuned settings: the `search` signature answers as
+  `index.search` does. Another index (or explicit `scann_config`) gets a searcher trained at
+  export from the settings `ScannIndex` would choose.
 """
 
 import logging
+import os
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -144,11 +151,15 @@ class RetrievalModule(EmbedderModule):
         k: neighbours returned per query; reduced to N when the gallery is smaller.
         flavour: "exact" (matmul + top-k) or "scann" (in-graph ScaNN searcher).
         scann_config: for "scann": None (from the gallery size), a dict of settings or a
-            ScaNN text config (see `scann_text_config`).
+            ScaNN text config (see `scann_text_config`), of a searcher trained here.
+        scann_index: for "scann", instead: a built `fgkeras.index.ScannIndex` whose own searcher
+            the graph carries (see `scann_state`), searched with its settings in use;
+            `embeddings` and `ids` must be its own, in its storage order (`index.embeddings`,
+            `index.ids`).
     """
 
     def __init__(self, embedder, image_size, embeddings, ids, k=10, flavour="exact",
-                 scann_config=None, name=None):
+                 scann_config=None, name=None, scann_index=None):
         super().__init__(embedder, image_size, name=name)
         embeddings, ids = _check_gallery(embeddings, ids)
         if flavour not in FLAVOURS:
@@ -163,11 +174,25 @@ class RetrievalModule(EmbedderModule):
         self.gallery_ids = tf.Variable(ids, trainable=False, name="gallery_ids")
         if flavour == "exact":
             self.gallery_embeddings = tf.Variable(embeddings, trainable=False, name="gallery_embeddings")
+        elif scann_index is not None:
+            if scann_config is not None:
+                raise ValueError("Give `scann_config` or `scann_index`, not both: the index's searcher has its own.")
+            if len(scann_index) != len(ids):
+                raise ValueError(f"`scann_index` holds {len(scann_index)} items but the gallery {len(ids)}: "
+                                 "export the index's own `embeddings` and `ids`.")
+            self.scann_config = None
+            self.scann_state = scann_state(scann_index)
+            self._scann_arguments = scann_index.search_arguments(self.k)
+            # A query whose leaves searched hold fewer than k points is searched again in every leaf
+            # (`index.search` completes it with an exact search, which the graph has no gallery for).
+            self._scann_every_leaf = scann_index.config.get("num_leaves") if self._scann_arguments[1] != -1 else None
         else:
             from scann.scann_ops.py import scann_ops
 
             self.scann_config = scann_text_config(embeddings, self.k, scann_config)
             self.scann_state = scann_ops.create_searcher(embeddings, self.scann_config).serialize_to_module()
+            self._scann_arguments = (-1, -1)  # the config's own
+            self._scann_every_leaf = None
         self.search = tf.function(
             self._search, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
         )
@@ -182,8 +207,24 @@ class RetrievalModule(EmbedderModule):
             from scann.scann_ops.py import scann_ops
 
             searcher = scann_ops.searcher_from_module(self.scann_state)
-            indices, scores = searcher.search_batched(queries, final_num_neighbors=self.k)
-            indices, scores = _pad_neighbours(indices, scores, self.k)
+            reorder, leaves = self._scann_arguments
+
+            def search(queries, leaves):
+                indices, scores = searcher.search_batched(queries, final_num_neighbors=self.k,
+                                                          pre_reorder_num_neighbors=reorder, leaves_to_search=leaves)
+                return _pad_neighbours(indices, scores, self.k)
+
+            indices, scores = search(queries, leaves)
+            if self._scann_every_leaf is not None:
+                short = tf.where(tf.reduce_any(tf.logical_or(indices < 0, tf.logical_not(tf.math.is_finite(scores))),
+                                               axis=1))
+
+                def complete():
+                    again_indices, again_scores = search(tf.gather_nd(queries, short), self._scann_every_leaf)
+                    return (tf.tensor_scatter_nd_update(indices, short, again_indices),
+                            tf.tensor_scatter_nd_update(scores, short, again_scores))
+
+                indices, scores = tf.cond(tf.size(short) > 0, complete, lambda: (indices, scores))
         valid = tf.logical_and(indices >= 0, tf.math.is_finite(scores))
         ids = tf.where(valid, tf.gather(self.gallery_ids, tf.maximum(indices, 0)), "")
         scores = tf.where(valid, scores, -np.inf)
@@ -216,6 +257,58 @@ def _check_gallery(embeddings, ids):
     if not np.all(np.isfinite(embeddings)):
         raise ValueError("The gallery embeddings contain NaN or infinite values.")
     return embeddings, ids
+
+
+# The tensors `scann_ops.ScannState` holds, in its order, and the ScaNN asset that fills each
+# (None: `scann_config.pb`, which every searcher has and the asset list does not name).
+_SCANN_STATE_ASSETS = (
+    ("scann_config", None), ("serialized_partitioner", "PARTITIONER"), ("datapoint_to_token", "TOKENIZATION_NPY"),
+    ("ah_codebook", "AH_CENTERS"), ("hashed_dataset", "AH_DATASET_NPY"), ("int8_dataset", "INT8_DATASET_NPY"),
+    ("int8_multipliers", "INT8_MULTIPLIERS_NPY"), ("dp_norms", "INT8_NORMS_NPY"), ("dataset", "DATASET_NPY"),
+)
+_SCANN_STATE_DTYPES = {"datapoint_to_token": np.int32, "hashed_dataset": np.uint8, "int8_dataset": np.int8,
+                       "int8_multipliers": np.float32, "dp_norms": np.float32, "dataset": np.float32}
+
+
+def scann_state(index):
+    """The in-graph ScaNN state (`scann_ops.ScannState`) of a `ScannIndex`'s own searcher.
+
+    The searcher's assets (`ScannIndex.write_scann_assets`: the config, the trained partitioning
+    and codebooks, each point's leaf and codes, the points) become the tensors that ScaNN's TF ops
+    rebuild a searcher from (`scann_ops.searcher_from_module`), as `serialize_to_module` would give
+    them for a TF-ops searcher: nothing is retrained, so the graph finds what `index.search` finds.
+    A protobuf asset is a (1,) string tensor, an array asset its array; an asset the searcher does
+    not have is a scalar, as ScaNN marks it.
+
+    Raises:
+        ValueError: the index is empty, or uses an asset ScaNN's TF ops cannot take.
+    """
+    from google.protobuf import text_format
+    from scann.scann_ops import scann_assets_pb2
+    from scann.scann_ops.py import scann_ops
+
+    with tempfile.TemporaryDirectory(prefix="fgkeras-scann-") as directory:
+        index.write_scann_assets(directory)
+        with open(os.path.join(directory, "scann_assets.pbtxt"), encoding="utf-8") as f:
+            listed = text_format.Parse(f.read(), scann_assets_pb2.ScannAssets())
+        paths = {scann_assets_pb2.ScannAsset.AssetType.Name(asset.asset_type): os.path.join(directory, asset.asset_path)
+                 for asset in listed.assets}
+        known = {asset for _, asset in _SCANN_STATE_ASSETS}
+        if set(paths) - known:
+            raise ValueError(f"ScaNN's TF ops cannot take the assets {sorted(set(paths) - known)} of this index.")
+        paths[None] = os.path.join(directory, "scann_config.pb")
+        tensors = []
+        for name, asset in _SCANN_STATE_ASSETS:
+            path = paths.get(asset)
+            if name in _SCANN_STATE_DTYPES:
+                array = np.load(path, allow_pickle=False) if path else np.zeros((), _SCANN_STATE_DTYPES[name])
+                tensors.append(tf.constant(array.astype(_SCANN_STATE_DTYPES[name], copy=False)))
+            elif path:
+                with open(path, "rb") as f:
+                    tensors.append(tf.constant([f.read()]))
+            else:
+                tensors.append(tf.constant(b""))
+        return scann_ops.ScannState(tensors)
 
 
 def scann_text_config(embeddings, k, scann_config=None):
@@ -282,9 +375,10 @@ def export_retrieval(embedder, index, path, image_size, k=10, flavour="exact", s
         image_size: S, the side images are resized and padded to.
         k: neighbours returned by `search` (fixed at export; see the module docstring).
         flavour: "exact" (pure TF ops) or "scann" (in-graph ScaNN ops).
-        scann_config: for "scann": None to use the index's own settings (`index.config` of a
-            `ScannIndex`) or, for another index, settings from the gallery size; or a dict of
-            settings / a ScaNN text config (see `scann_text_config`).
+        scann_config: for "scann": None to carry a `ScannIndex`'s own searcher (see
+            `scann_state`) or, for another index, a searcher trained from settings of the gallery
+            size; or a dict of settings / a ScaNN text config (see `scann_text_config`) to train
+            one of those.
     Returns:
         `path`.
     """
@@ -294,11 +388,13 @@ def export_retrieval(embedder, index, path, image_size, k=10, flavour="exact", s
         raise ValueError(
             f"The index holds {embeddings.shape[1]}-d embeddings but the embedder makes {dim}-d ones."
         )
+    own = None
     if flavour == "scann" and scann_config is None:
-        settings = getattr(index, "config", None)
-        scann_config = settings if isinstance(settings, dict) and "mode" in settings else None
+        from fgkeras.index import ScannIndex
+
+        own = index if isinstance(index, ScannIndex) and len(index) else None
     module = RetrievalModule(embedder, image_size, embeddings, ids, k=k, flavour=flavour,
-                             scann_config=scann_config)
+                             scann_config=scann_config, scann_index=own)
     return _save(module, path, flavour)
 
 

@@ -369,10 +369,30 @@ class ScannIndex(Index, kind="scann"):
     # ------------------------------------------------------------------ search
 
     def _search(self, queries, k):
-        settings = self._settings
+        return self._scann_search(queries, k, *self.search_arguments(k))
+
+    def search_arguments(self, k):
+        """`(pre_reorder_num_neighbors, leaves_to_search)`: what `search(queries, k)` passes to
+        ScaNN, from the settings in use (calibrated or tuned); -1 where ScaNN takes none."""
+        settings = self._settings or self._resolve(len(self))
         reorder = max(settings.get("reorder", k), k) if settings["mode"] != "brute_force" else -1
-        leaves = settings.get("num_leaves_to_search", -1)
-        return self._scann_search(queries, k, reorder, leaves)
+        return reorder, settings.get("num_leaves_to_search", -1)
+
+    def write_scann_assets(self, directory):
+        """Writes the searcher in use, as ScaNN serialises it, into the existing `directory`:
+        `scann_config.pb`, `scann_assets.pbtxt` and the arrays and protobufs that it lists (the
+        trained partitioning and codebooks, every point as upserted since; never a pickle). What
+        `save` keeps under `scann/`, and what an in-graph ScaNN searcher is rebuilt from
+        (`fgkeras.export.saved_model.scann_state`).
+
+        Raises:
+            ValueError: the index is empty (there is no searcher).
+        """
+        if self._searcher is None:
+            raise ValueError("`write_scann_assets` needs a non-empty index: build it first.")
+        # The raw pybind searcher: its `serialize` writes ScaNN's assets only (the Python wrapper
+        # would add a pickle of doc ids, which we never write nor read).
+        self._searcher.serialize(os.fspath(directory), True)
 
     def _scann_search(self, queries, k, reorder, leaves):
         if reorder != -1:
@@ -497,9 +517,7 @@ class ScannIndex(Index, kind="scann"):
             return
         assets = os.path.join(directory, ASSETS_DIR)
         os.makedirs(assets)
-        # The raw pybind searcher: its `serialize` writes ScaNN's assets only (the Python wrapper
-        # would add a pickle of doc ids, which we never write nor read).
-        self._searcher.serialize(assets, True)
+        self.write_scann_assets(assets)
 
     def _load_extra(self, files, manifest):
         config = manifest["config"]

@@ -202,31 +202,91 @@ def test_scann_settings_are_the_scann_index_settings():
     assert "approx_num_neighbors: 64" in scann_text_config(unit[:20_000], 64, settings)
 
 
-def test_scann_flavour_uses_the_scann_index_settings_and_reloads(embedder, decoded, encoded, tmp_path):
+def _recall(found, exact):
+    return float(np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(found, exact)]))
+
+
+def _mutated_scann_index(queries, mode, rng):
+    """A ScaNN index of points around `queries`, with upserts and deletes since its training."""
+    from fgkeras.index import ScannIndex
+
+    vectors = queries[rng.integers(0, len(queries), 4000)] + 0.02 * rng.normal(size=(4000, queries.shape[1]))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    index = ScannIndex(mode=mode, num_leaves=40 if mode == "tree" else None, rebalance_fraction=None)
+    index.build(vectors[:3500], [f"sku-{i}" for i in range(3500)])
+    index.upsert([f"sku-{i}" for i in range(3500, 4000)], vectors[3500:])  # hashed into the trained tree
+    index.delete([f"sku-{i}" for i in range(0, 3500, 9)])
+    return index
+
+
+@pytest.mark.parametrize("mode", ["brute_force", "ah", "tree"])
+def test_scann_state_rebuilds_the_index_own_searcher(mode):
     pytest.importorskip("scann")
     from scann.scann_ops.py import scann_ops
 
-    from fgkeras.index import ScannIndex
+    from fgkeras.export.saved_model import scann_state
 
-    rng = np.random.default_rng(1)
-    noise = rng.normal(size=(600, DIM)).astype(np.float32)
-    gallery = np.concatenate([np.asarray(embedder(decoded, training=False)), noise / np.linalg.norm(
-        noise, axis=1, keepdims=True)])
-    index = ScannIndex(mode="ah", reorder=100)
-    index.build(gallery, [f"sku-{i}" for i in range(len(gallery))])
-    assert index.config["mode"] == "ah"
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(50, DIM)).astype(np.float32)
+    index = _mutated_scann_index(centres / np.linalg.norm(centres, axis=1, keepdims=True), mode, rng)
+    queries = index.embeddings[rng.integers(0, len(index), 200)] + 0.01 * rng.normal(size=(200, DIM))
+    queries = queries.astype(np.float32)
+    reorder, leaves = index.search_arguments(10)
+    state = scann_state(index)  # the searcher lives as long as its state
+    searcher = scann_ops.searcher_from_module(state)
+    rows, scores = searcher.search_batched(queries, final_num_neighbors=10, pre_reorder_num_neighbors=reorder,
+                                           leaves_to_search=leaves)
+    own_ids, own_scores = index.search(queries, k=10)
+    np.testing.assert_array_equal(index.ids[rows.numpy()], own_ids)
+    np.testing.assert_allclose(scores.numpy(), own_scores, atol=1e-5)
+
+
+def test_the_exported_scann_search_is_the_index_own_searcher(embedder, encoded, decoded, tmp_path):
+    """The index's trained tree, codebooks, mutations and calibrated settings are what the graph
+    searches with: the exported `search` answers as `index.search` does, not as a tree retrained."""
+    pytest.importorskip("scann")
+    from scann.scann_ops.py import scann_ops
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (60, SIZE, SIZE, 3), dtype=np.uint8)
+    index = _mutated_scann_index(np.asarray(embedder(pixels, training=False)), "tree", rng)
+    index.upsert([f"image-{i}" for i in range(len(decoded))], np.asarray(embedder(decoded, training=False)))
+    assert index.config["mode"] == "tree"
     assert scann_text_config(index.embeddings, 5, index.config) == index.configure(
         scann_ops.builder(index.embeddings, 5, "dot_product")).create_config()
-    path = export_retrieval(embedder, index, str(tmp_path / "scann_ah"), SIZE, k=5, flavour="scann")
-    assert signature_summary(path)["search"]["outputs"]["ids"] == {"dtype": "string", "shape": [-1, 5]}
+    path = export_retrieval(embedder, index, str(tmp_path / "scann"), SIZE, k=10, flavour="scann")
+    assert signature_summary(path)["search"]["outputs"]["ids"] == {"dtype": "string", "shape": [-1, 10]}
     assert uses_scann_ops(path)
-    search = load_saved_model(path).signatures["search"]
-    out = search(images=tf.constant(encoded))
-    ids = out["ids"].numpy().astype(str)
-    assert list(ids[:, 0]) == [f"sku-{i}" for i in range(len(encoded))]  # each image finds itself
+    loaded = load_saved_model(path)
+    out = loaded.signatures["search"](images=tf.constant(encoded))
+    assert list(out["ids"].numpy().astype(str)[:, 0]) == [f"image-{i}" for i in range(len(encoded))]  # itself
     np.testing.assert_allclose(out["scores"].numpy()[:, 0], 1.0, atol=1e-3)
     assert np.all(np.diff(out["scores"].numpy(), axis=1) <= 1e-6)
-    expected_ids, _ = index.search(np.asarray(embedder(decoded, training=False)), k=5)
-    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, np.asarray(expected_ids).astype(str))])
-    assert overlap >= 0.9
-    assert search(images=tf.constant(encoded[:2]))["ids"].shape == (2, 5)
+    assert loaded.signatures["search"](images=tf.constant(encoded[:2]))["ids"].shape == (2, 10)
+    images = tf.constant([_encode(p, "png") for p in pixels])
+    exported = loaded.signatures["search"](images=images)["ids"].numpy().astype(str)
+    queries = loaded.signatures["embed"](images=images)["embeddings"].numpy()  # exactly the graph's queries
+    own = index.search(queries, k=10)[0].astype(str)
+    exact = ExactIndex().build(index.embeddings, index.ids).search(queries, k=10)[0].astype(str)
+    assert abs(_recall(exported, exact) - _recall(own, exact)) <= 0.01
+    assert _recall(exported, own) >= 0.99  # the same answers, not merely as good ones
+
+
+def test_a_scann_search_short_of_k_in_its_leaves_is_completed_in_every_leaf(embedder):
+    """Leaves of ~10 points, one searched, k = 30: every query comes up short, and is searched again
+    in every leaf (the index completes it exactly) instead of being padded with ""."""
+    pytest.importorskip("scann")
+    from fgkeras.index import ScannIndex
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
+    centres = rng.normal(size=(40, DIM))
+    vectors = (centres[rng.integers(0, 40, 400)] + 0.1 * rng.normal(size=(400, DIM))).astype(np.float32)
+    index = ScannIndex(mode="tree", num_leaves=40, num_leaves_to_search=1, reorder=60, calibration_recall=None)
+    index.build(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), [f"sku-{i}" for i in range(400)])
+    module = RetrievalModule(embedder, SIZE, index.embeddings, index.ids, k=30, flavour="scann", scann_index=index)
+    encoded = tf.constant([_encode(p, "png") for p in pixels])
+    found = module.search(encoded)["ids"].numpy().astype(str)
+    queries = module.embed(encoded)["embeddings"].numpy()
+    assert not (found == "").any()
+    assert _recall(found, index.search(queries, k=30)[0].astype(str)) >= 0.95
