@@ -11,7 +11,9 @@ saved_models/<name>/            the root that TF Serving watches (`--model_base_
 ```
 
 A version appears atomically: it is written (or copied) into a staging directory inside the
-root, flushed to disk, and renamed to its number. `push` is the gate of TFX's Evaluator +
+root, flushed to disk, and renamed to its number. Its folders and files get the modes the umask
+gives new ones (0755 / 0644 under 022), whatever the candidate's, so that a TF Serving process
+running as another user can read it. `push` is the gate of TFX's Evaluator +
 Pusher: a candidate is promoted only if its metric is at least the serving version's (read from
 that version's model card) minus a threshold; otherwise the refusal says why.
 """
