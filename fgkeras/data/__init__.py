@@ -11,3 +11,4 @@ from fgkeras.data.core import (
 )
 from fgkeras.data.sources import IMAGE_EXTENSIONS, image_folder, read_csv, tfds_images
 from fgkeras.data.synthetic import SyntheticVehicles
+from fgkeras.data.views import front_views, render_views, view_pairs

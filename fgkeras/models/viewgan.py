@@ -471,6 +471,41 @@ class ViewTransformGAN(keras.Model):
         result = np.concatenate(out, axis=0) if out else np.zeros((0, *self.image_shape), "float32")
         return result[0] if single else result
 
+    def augment(self, images, per_image=20, views=None, seed=0, batch_size=64):
+        """`per_image` generated views of each image, for few-shot augmentation (Sec. 4.3).
+
+        The codes are spread over `views` (the first `len(views)` images of each input are
+        one-hot views) and, beyond those, interpolations `(1 - t)·C_a + t·C_b` between two
+        neighbouring views of `views` (in the order given), t ~ U(0, 1).
+
+        Args:
+            images: (batch, S, S, 3) in [0, 255].
+            per_image: images generated per input, >= 1 (the paper: 20).
+            views: target view ids; all of the model's (0 … N_views - 1) by default.
+            seed: seeds the codes, the interpolation weights and the noise.
+        Returns: `(generated, source, codes)`: (batch·per_image, S, S, 3) float32 in [0, 255],
+        the index of each one's input image, and its (batch·per_image, N_views) code.
+        """
+        _check_int("per_image", per_image, 1)
+        views = list(range(self.num_views)) if views is None else [int(v) for v in np.atleast_1d(views)]
+        view_codes(np.asarray(views, dtype=np.int64), self.num_views)  # validates the ids
+        array = np.asarray(images, dtype="float32")
+        rng = np.random.default_rng(seed)
+        eye = np.eye(self.num_views, dtype="float32")
+        codes = []
+        for _ in range(len(array)):
+            for k in range(per_image):
+                if k < len(views) or len(views) == 1:
+                    codes.append(eye[views[k % len(views)]])
+                else:
+                    a = int(rng.integers(len(views) - 1))
+                    t = float(rng.uniform())
+                    codes.append((1 - t) * eye[views[a]] + t * eye[views[a + 1]])
+        codes = np.stack(codes) if codes else np.zeros((0, self.num_views), "float32")
+        source = np.repeat(np.arange(len(array)), per_image)
+        generated = self.transform(array[source], codes, seed=int(rng.integers(2**31)), batch_size=batch_size)
+        return generated, source, codes
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -289,3 +289,16 @@ def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strat
         np.testing.assert_allclose(logs[name], expected_logs[name], rtol=1e-4)
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
+
+
+def test_augment_spreads_views_then_interpolates_neighbouring_views():
+    game = _game()
+    images = _batch()["image"][:2]
+    generated, source, codes = game.augment(images, per_image=7, views=[0, 2, 4], seed=0)
+    assert generated.shape == (14, SIZE, SIZE, 3) and source.tolist() == [0] * 7 + [1] * 7
+    np.testing.assert_array_equal(codes[:3], np.eye(N_VIEWS)[[0, 2, 4]])
+    soft = codes[3:7]
+    np.testing.assert_allclose(soft.sum(axis=1), 1, rtol=1e-6)
+    assert np.all(soft[:, [1, 3]] == 0) and np.all((soft > 0).sum(axis=1) <= 2)
+    with pytest.raises(ValueError, match="View ids must be in"):
+        game.augment(images, views=[9])
