@@ -77,7 +77,9 @@ PARTS = {
     "tail_lights": 3,
 }
 # Parts visible on the canonical front view (stock photos): any two models differ in one of them.
-FRONT_PARTS = ("wheel_size", "cabin_height", "headlights", "grille", "roof_rack", "mirrors")
+# Not the wheel size: every wheel stands on the ground, so the tyre showing below the front
+# bumper is the same for every size (two models differing only in it had identical stock photos).
+FRONT_PARTS = ("cabin_height", "headlights", "grille", "roof_rack", "mirrors")
 
 _SPOKES = (0, 3, 4, 5, 8)  # 0 = a plain dish
 _RIMS = ((205, 205, 210), (60, 60, 66), (196, 166, 92))

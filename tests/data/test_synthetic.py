@@ -107,6 +107,85 @@ def test_models_of_a_make_differ_in_enough_parts():
             assert sum(pa[k] != pb[k] for k in pa) >= 3
 
 
+def _relative_paints(data, class_id, instances):
+    """Per instance, the channel sums of its paint pixels in the front stock photo of
+    `class_id`, relative to the mean of `instances` at the same pixels: shape (len(instances), 3).
+
+    Without shape jitter every instance of a class covers the same pixels; the pixels that vary
+    between instances are paint, each the paint times its face's shading, so the ratio cancels
+    the shading: it depends on the paints alone, not on the class's geometry."""
+    images = np.stack([data.render(class_id, 0, i, stock=True) for i in instances]).astype(np.float64)
+    paint = np.ptp(images, axis=0).max(axis=-1) > 0
+    return images[:, paint].sum(axis=1) / images.mean(axis=0)[paint].sum(axis=0)
+
+
+def test_an_instance_has_the_same_paint_in_every_class():
+    data = SyntheticVehicles(seed=0, image_size=48, num_makes=3, models_per_make=2, shape_jitter=0.0,
+                             supersample=1)
+    paints = np.array([_relative_paints(data, c, range(8)) for c in range(data.num_classes)])
+    assert np.ptp(paints[0], axis=0).min() > 1.0  # the eight instances' paints differ
+    for class_id in range(1, data.num_classes):  # other models and other makes: other geometry
+        np.testing.assert_allclose(paints[class_id], paints[0], rtol=0.03)
+
+
+def _lamps(image):
+    """Headlight pixels: near-white with a warm cast (no paint is both this bright and this warm)."""
+    pixels = image.astype(int)
+    return (pixels.min(axis=-1) > 190) & (pixels[..., 0] - pixels[..., 2] > 12) \
+        & (pixels[..., 1] - pixels[..., 2] > 12)
+
+
+def _tail_lights(image):
+    pixels = image.astype(int)
+    return (pixels[..., 0] > 140) & (pixels[..., 1] < 70) & (pixels[..., 2] < 70)
+
+
+def _aspect(mask):
+    rows, columns = np.nonzero(mask)
+    return (np.ptp(columns) + 1) / (np.ptp(rows) + 1)
+
+
+def test_view_labels_are_the_azimuths_rendered():
+    """Checked against the geometry alone: the vehicles are left-right symmetric, so views v and
+    N - v are mirror images; the silhouette is widest from the sides (N/4, 3N/4), narrowest
+    from the front and the rear (0, N/2); the headlights show only within 90 degrees of the
+    front and the tail lights only within 90 degrees of the rear, on the side of the image
+    the azimuth turns them to."""
+    data = SyntheticVehicles(seed=0, image_size=64, num_makes=2, models_per_make=1)
+    n = data.num_views
+    azimuths = 2 * np.pi * np.arange(n) / n
+    mirror = (-np.arange(n)) % n
+    for class_id in range(data.num_classes):
+        images = [data.render(class_id, view, 1, stock=True) for view in range(n)]
+        masks = [_foreground(image) for image in images]
+        iou = np.array([[np.sum(a & b[:, ::-1]) / np.sum(a | b[:, ::-1]) for b in masks] for a in masks])
+        np.testing.assert_array_equal(iou.argmax(axis=1), mirror)
+        assert iou[np.arange(n), mirror].min() > 0.97
+        order = np.argsort([_aspect(mask) for mask in masks])
+        assert set(order[:2]) == {0, n // 2} and set(order[-2:]) == {n // 4, 3 * n // 4}
+        for view, image in enumerate(images):
+            facing = np.cos(azimuths[view])
+            lamps, tail = _lamps(image), _tail_lights(image)
+            assert lamps.any() == (facing > 1e-6) and tail.any() == (facing < -1e-6), view
+            centre = (image.shape[1] - 1) / 2
+            for lights, side in ((lamps, -1), (tail, 1)):
+                if lights.any() and abs(np.sin(azimuths[view])) > 1e-6:
+                    offset = np.nonzero(lights)[1].mean() - centre
+                    assert np.sign(offset) == side * np.sign(np.sin(azimuths[view])), view
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_models_of_a_make_look_different_from_the_front(seed):
+    """Stock photos are front views: two models of a make must not give the same stock photo."""
+    data = SyntheticVehicles(seed=seed)
+    for make in range(data.num_makes):
+        ids = np.flatnonzero(data.class_make == make).tolist()
+        fronts = {c: data.render(c, 0, 0, stock=True).astype(int) for c in ids}
+        for a, b in itertools.combinations(ids, 2):
+            changed = np.abs(fronts[a] - fronts[b]).max(axis=-1) >= 10
+            assert changed.sum() >= 10, (data.class_names[a], data.class_names[b])
+
+
 def test_colour_varies_within_a_class(tiny):
     means = []
     for instance in range(12):
