@@ -9,6 +9,7 @@ from fgkeras.data.core import (
     resize_and_pad,
     to_supervised,
 )
+from fgkeras.data.pairs import canonical_pairs, canonical_rows
 from fgkeras.data.sources import IMAGE_EXTENSIONS, image_folder, read_csv, tfds_images
 from fgkeras.data.synthetic import SyntheticVehicles
 from fgkeras.data.views import front_views, render_views, view_pairs

@@ -3,7 +3,7 @@
 Parametric 3-D vehicles rendered with numpy and Pillow (see `fgkeras/data/_render.py`):
 makes share a body style, the models of a make differ only in small parts, colour varies per
 instance, every photo is a genuine projection from one of `num_views` azimuths (view 0 = front,
-the canonical view). Stock photos are clean front views; user photos have any view, a
+the canonical view). Stock photos are clean views at `stock_view` (front by default); user photos have any view, a
 cluttered background, pose/light jitter and sometimes an occluder.
 """
 
@@ -55,8 +55,8 @@ class SyntheticVehicles:
     have ids `0 .. K_train - 1`, unseen classes `K_train .. K - 1`. Each class has a release
     year in `[first_year, first_year + num_years)`, spread evenly over the classes of a split.
     Each class has `images_per_class` images: the first `round(stock_fraction * images_per_class)`
-    are stock photos (view 0, plain background, no jitter), the others user photos with views
-    balanced over `[0, num_views)`.
+    are stock photos (view `stock_view`, 0 by default; plain background, no jitter), the others
+    user photos with views balanced over `[0, num_views)`.
 
     Args:
         seed: non-negative int; the same seed gives byte-identical images.
@@ -83,6 +83,8 @@ class SyntheticVehicles:
         occlusion_prob: probability that a user photo has an occluder over the vehicle, in [0, 1].
         supersample: anti-aliasing factor (render at `supersample * image_size`, then box-filter
             down), in [1, 4].
+        stock_view: the azimuth of the stock photos, in [0, num_views) (0 = front; FGGAN's
+            canonical-view study renders them at another one).
 
     Calibration: the defaults of `pose_jitter`, `clutter` and `occlusion_prob` were chosen so
     that a batch-hard triplet ResNet-18 (width 0.5, 64 px, 1,000 steps of 16×4, from scratch)
@@ -94,7 +96,7 @@ class SyntheticVehicles:
                  images_per_class=40, num_views=8, unseen_fraction=0.5, stock_fraction=0.2,
                  first_year=2015, num_years=6, part_changes=3, min_part_differences=2,
                  part_scale=1.0, shape_jitter=0.03, pose_jitter=0.5, clutter=0.3,
-                 occlusion_prob=0.05, supersample=2):
+                 occlusion_prob=0.05, supersample=2, stock_view=0):
         _check(_is_int(seed) and seed >= 0, "seed", "a non-negative int", seed)
         _check(_is_int(image_size) and 32 <= image_size <= 224, "image_size", "in [32, 224]",
                image_size)
@@ -121,6 +123,8 @@ class SyntheticVehicles:
             _check(_is_number(value) and value >= 0, name, ">= 0", value)
         _check(_is_int(supersample) and 1 <= supersample <= 4, "supersample", "an int in [1, 4]",
                supersample)
+        _check(_is_int(stock_view) and 0 <= stock_view < num_views, "stock_view",
+               f"an int in [0, num_views={num_views})", stock_view)
 
         self.seed = int(seed)
         self.image_size = int(image_size)
@@ -140,6 +144,7 @@ class SyntheticVehicles:
         self.clutter = float(clutter)
         self.occlusion_prob = float(occlusion_prob)
         self.supersample = int(supersample)
+        self.stock_view = int(stock_view)
         self.num_stock = int(round(self.stock_fraction * self.images_per_class))
 
         self._design()
@@ -221,7 +226,7 @@ class SyntheticVehicles:
         """One photo of instance `instance` of class `class_id` seen from azimuth `view`.
 
         `stock=True` gives a studio photo: plain background, centred, no pose or light jitter
-        (the data set's stock photos are these at view 0). Otherwise a user photo.
+        (the data set's stock photos are these at `stock_view`). Otherwise a user photo.
         An instance has the same paint and shape jitter in every view and every class, so
         colour carries no class information and classes can be compared pixel for pixel.
         Returns a uint8 array (image_size, image_size, 3)."""
@@ -285,7 +290,7 @@ class SyntheticVehicles:
         ids = self._split_ids[split]
         class_id, instance = int(ids[index // self.images_per_class]), index % self.images_per_class
         if instance < self.num_stock:
-            return class_id, 0, instance, True
+            return class_id, self.stock_view, instance, True
         return class_id, int(self._views(class_id)[instance - self.num_stock]), instance, False
 
     def item(self, split, index):
