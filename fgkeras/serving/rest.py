@@ -205,7 +205,7 @@ def parse_json(body):
     except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of too many digits
         raise invalid_argument(f"JSON Parse error: {_clip(error)}") from None
     if not isinstance(document, dict):
-        raise invalid_argument(f"JSON Value: {_preview(document)} Is not object")
+        raise invalid_argument(f"JSON Value: {_json_snippet(document)} Is not object")
     return document
 
 
@@ -354,7 +354,7 @@ def _flatten(value, shape, level, leaves, key):
             _flatten(item, shape, level + 1, leaves, key)
         return
     if level != len(shape):
-        raise invalid_argument(f"input {key!r} is not a dense tensor: the value {_preview(value)} at depth {level} "
+        raise invalid_argument(f"input {key!r} is not a dense tensor: the value {_json_snippet(value)} at depth {level} "
                                f"where its shape {list(shape)} needs a list")
     leaves.append(value)
 
@@ -371,9 +371,9 @@ def _string(leaf, key):
         try:
             return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         except (binascii.Error, ValueError):
-            raise invalid_argument(f"input {key!r}: {_preview(leaf)} is not valid base64") from None
+            raise invalid_argument(f"input {key!r}: {_json_snippet(leaf)} is not valid base64") from None
     raise invalid_argument(f"input {key!r} is DT_STRING: it must hold text or {{\"b64\": ...}}; received "
-                           f"{_preview(leaf)} ({_json_type(leaf)})")
+                           f"{_json_snippet(leaf)} ({_json_type(leaf)})")
 
 
 def _number_check(numpy_dtype):
@@ -389,7 +389,7 @@ def _number_check(numpy_dtype):
             if isinstance(leaf, bool) or not isinstance(leaf, int):
                 raise _type_error(leaf, key, dtype)
             if not limits.min <= leaf <= limits.max:
-                raise invalid_argument(f"input {key!r}: {_preview(leaf)} is out of the range of "
+                raise invalid_argument(f"input {key!r}: {_json_snippet(leaf)} is out of the range of "
                                        f"{tensors.dtype_name(dtype)}")
         return check
     largest = float(np.finfo(numpy_dtype).max)
@@ -400,13 +400,13 @@ def _number_check(numpy_dtype):
             raise _type_error(leaf, key, dtype)
         if isinstance(leaf, int) and abs(leaf) > exact or \
                 isinstance(leaf, float) and math.isfinite(leaf) and abs(leaf) > largest:
-            raise invalid_argument(f"Cannot convert JSON value {_preview(leaf)} of input {key!r} to "
+            raise invalid_argument(f"Cannot convert JSON value {_json_snippet(leaf)} of input {key!r} to "
                                    f"{tensors.dtype_name(dtype)} without loss of precision")
     return check
 
 
 def _type_error(leaf, key, dtype):
-    return invalid_argument(f"input {key!r}: JSON value {_preview(leaf)} ({_json_type(leaf)}) is not of the expected "
+    return invalid_argument(f"input {key!r}: JSON value {_json_snippet(leaf)} ({_json_type(leaf)}) is not of the expected "
                             f"type {tensors.dtype_name(dtype)}")
 
 
@@ -418,7 +418,7 @@ def _json_type(value):
     return type(value).__name__
 
 
-def _preview(value, limit=80):
+def _json_snippet(value, limit=80):
     try:
         text = json.dumps(value)
     except (TypeError, ValueError, RecursionError):
@@ -519,7 +519,7 @@ class RestApi:
         document = parse_json(body)
         signature_name = document.get("signature_name", "")
         if not isinstance(signature_name, str):
-            raise invalid_argument(f"'signature_name' must be a string; received {_preview(signature_name)}")
+            raise invalid_argument(f"'signature_name' must be a string; received {_json_snippet(signature_name)}")
         request = predict_pb2.PredictRequest()
         request.model_spec.CopyFrom(route.model_spec())
         request.model_spec.signature_name = signature_name
