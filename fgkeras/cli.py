@@ -50,6 +50,10 @@ def _add_config_arguments(parser, default_config):
 def cmd_train(args):
     from fgkeras import evaluation, experiments
 
+    if args.method == "viewgan":
+        return _train_viewgan(args)
+    if args.method == "fggan" and args.config == "baseline":
+        args.config = "fggan"
     config = _config(args)
     train_set, test_set = experiments.load_data(config.data)
     print(f"Training {config.train.method} on {len(train_set)} images of {train_set.num_classes} classes")
@@ -64,6 +68,60 @@ def cmd_train(args):
     print(f"Saved the model and the embedder in {args.out}")
 
 
+def _train_viewgan(args):
+    from fgkeras import configs
+    from fgkeras.evaluation import identity, viewgan
+
+    if args.config == "baseline":
+        args.config = "viewgan"
+    config = _config(args)
+    if args.smoke:
+        configs.override(viewgan.viewgan_smoke(config), args.set)
+    _, train_arrays, unseen_arrays = viewgan.viewgan_data(config)
+    print(f"Training ViewGAN ({config.train.variant}) on {len(train_arrays['label'])} images of "
+          f"{len(set(train_arrays['label'].tolist()))} classes in {len(train_arrays['views'])} views")
+    game, _ = viewgan.train_viewgan(config, train_arrays)
+    extractor, classifier = viewgan.judges(config, train_arrays, unseen_arrays)
+    results = viewgan.evaluate_viewgan(game, config, unseen_arrays, extractor, classifier, few_shot=False)
+    os.makedirs(args.out, exist_ok=True)
+    game.save(os.path.join(args.out, "model.keras"))
+    game.generator.save(os.path.join(args.out, "generator.keras"))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"config": config.to_dict(), "identity": results["identity"]}, f, indent=2)
+    print(identity.format_identity_rows({config.train.variant: results["identity"]}))
+    print(f"Saved the game and G in {args.out} (ViewGAN has no retrieval embedder to export)")
+
+
+def cmd_augment(args):
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from fgkeras.data import IMAGE_EXTENSIONS
+
+    game = _load_model(args.model)
+    if not hasattr(game, "augment"):
+        raise SystemExit(f"--model must be a ViewGAN game saved by `fgkeras train --method viewgan`: {args.model}")
+    views = [int(v) for v in args.views.split(",")] if args.views else None
+    size = game.image_shape[0]
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(args.input) for name in names
+                   if name.lower().endswith(tuple(IMAGE_EXTENSIONS)))
+    if not paths:
+        raise SystemExit(f"No images under --input {args.input}")
+    written = 0
+    for i, path in enumerate(tqdm(paths, desc="augmenting", unit="image")):
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+        generated, _, _ = game.augment(pixels[None], per_image=args.per_image, views=views, seed=i)
+        relative = os.path.splitext(os.path.relpath(path, args.input))[0]
+        os.makedirs(os.path.dirname(os.path.join(args.output, relative)) or args.output, exist_ok=True)
+        for j, out in enumerate(generated):
+            Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8)).save(
+                os.path.join(args.output, f"{relative}_view{j:02d}.png"))
+            written += 1
+    print(f"Wrote {written} generated images for {len(paths)} inputs under {args.output}")
+
+
 def cmd_evaluate(args):
     from fgkeras import evaluation, experiments
 
@@ -75,14 +133,43 @@ def cmd_evaluate(args):
     print(evaluation.format_table([{"model": os.path.basename(args.model), **metrics}]))
 
 
+def _demo_viewgan(args):
+    from fgkeras import configs
+    from fgkeras.evaluation import viewgan
+
+    config = viewgan.viewgan_smoke(configs.get_config("viewgan"))
+    configs.override(config, args.set)
+    print(f"fgkeras demo: ViewGAN ({config.train.variant}), {config.train.epochs} epochs × "
+          f"{config.train.steps_per_epoch} steps at {config.data.image_size} px, then the few-shot table")
+    results = viewgan.run_viewgan_demo(config, args.out)
+    print(results["table"])
+    print(f"View grid written to {results['grid']}")
+
+
+# The retrieval demos by `--method`: (config used for the default "demo", what it trains side by
+# side, the method whose embedder is exported — None: the best by Recall@1 —, what it says).
+DEMO_METHODS = {
+    "htg": ("demo", ("triplet_random", "triplet_batch_hard", "htg"), None, "random triplets, batch-hard and HTG"),
+    "fggan": ("fggan_demo", ("softmax_nobias", "fggan"), "fggan",
+              "S alone (no-bias softmax) and FGGAN (S pre-trained, then the game; S∘G exported)"),
+}
+
+
 def cmd_demo(args):
     from fgkeras import experiments
 
+    method = getattr(args, "demo_method", "htg")
+    if method == "viewgan":
+        return _demo_viewgan(args)
+    default_config, methods, export_method, description = DEMO_METHODS[method]
+    if args.config == "demo":
+        args.config = default_config
     config = _config(args)
-    print(f"fgkeras demo: random triplets, batch-hard and HTG, {config.train.epochs} epochs × "
+    print(f"fgkeras demo: {description}, {config.train.epochs} epochs × "
           f"{config.train.steps_per_epoch} steps each, on synthetic multi-view vehicles at "
           f"{config.data.image_size} px")
-    results, table = experiments.run_demo(config, args.out, export=not args.no_export)
+    results, table = experiments.run_demo(config, args.out, methods=methods, export=not args.no_export,
+                                          export_method=export_method)
     print(table)
     if "export" in results:
         _print_export(results["export"])
@@ -192,6 +279,11 @@ def build_parser():
     _add_config_arguments(demo, "demo")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
     demo.add_argument("--no-export", action="store_true", help="stop after the comparison")
+    demo.add_argument("--method", dest="demo_method", choices=("htg", "viewgan", *DEMO_METHODS.keys() - {"htg"}),
+                      default="htg",
+                      help="htg: the retrieval baselines and HTG (default); viewgan: a smoke-sized ViewGAN, "
+                           "its view grid and few-shot table; fggan: FGGAN (GDNS) against S alone, S∘G exported, "
+                           "indexed, served and queried")
     demo.set_defaults(func=cmd_demo)
 
     train = commands.add_parser("train", help="train one method and evaluate it on unseen classes")
@@ -199,6 +291,15 @@ def build_parser():
     train.add_argument("--method", help="training method (overrides train.method)")
     train.add_argument("--out", default="runs/train", help="output directory (default: %(default)s)")
     train.set_defaults(func=cmd_train)
+
+    augment = commands.add_parser("augment", help="write ViewGAN views of a folder of (few-shot) images")
+    augment.add_argument("--model", required=True, help="a ViewGAN game (.keras) saved by `fgkeras train --method viewgan`")
+    augment.add_argument("--input", required=True, help="a folder of images (searched recursively)")
+    augment.add_argument("--output", required=True, help="where the generated images go (same sub-folders)")
+    augment.add_argument("--views", help="target view ids, comma-separated (default: all of the model's)")
+    augment.add_argument("--per-image", type=int, default=20,
+                         help="images per input, spread over the views and interpolated codes (default: 20)")
+    augment.set_defaults(func=cmd_augment)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on unseen classes")
     _add_config_arguments(evaluate, "baseline")

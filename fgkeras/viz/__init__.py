@@ -2,5 +2,6 @@
 
 from fgkeras.viz.keypoints import keypoint_overlays
 from fgkeras.viz.keypoints import overlay_heatmap
+from fgkeras.viz.views import view_grid
 
-__all__ = ["keypoint_overlays", "overlay_heatmap"]
+__all__ = ["keypoint_overlays", "overlay_heatmap", "view_grid"]
