@@ -63,6 +63,73 @@ def test_crop_zooms_in(left_bright):
     assert not np.array_equal(out, left_bright)
 
 
+@pytest.fixture
+def mid_tones(rng):
+    """Colours in [70, 180]: no jitter below pushes a channel past 0 or 255, so none clips."""
+    return rng.integers(70, 181, (24, 32, 3), dtype=np.uint8)
+
+
+def _jittered(augment, image):
+    """(input, outputs over SEEDS) as float arrays (N, H, W, 3)."""
+    outputs = np.stack([augment(tf.constant(image), seed).numpy() for seed in SEEDS])
+    return image.astype(np.float64), outputs.astype(np.float64)
+
+
+def _chroma(pixels):
+    return pixels.max(axis=-1) - pixels.min(axis=-1)
+
+
+def test_brightness_adds_one_bounded_nonzero_delta_to_every_channel(mid_tones):
+    before, after = _jittered(Augment(flip=False, brightness=0.2), mid_tones)
+    shift = (after - before).mean(axis=(1, 2))  # per seed and channel
+    assert np.abs(shift).max() <= 0.2 * 255 + 1
+    assert np.abs(after - before - shift[:, None, None, :]).max() <= 1  # the same delta at every pixel
+    assert np.ptp(shift, axis=1).max() <= 0.5  # and in every channel
+    assert np.abs(shift).max() > 0.1 * 255 and shift.min() < 0 < shift.max()
+
+
+def test_contrast_scales_each_channel_about_its_mean_within_bounds(mid_tones):
+    before, after = _jittered(Augment(flip=False, contrast=0.3), mid_tones)
+    assert np.abs(after.mean(axis=(1, 2)) - before.mean(axis=(0, 1))).max() <= 1
+    ratio = after.std(axis=(1, 2)) / before.std(axis=(0, 1))
+    assert 0.7 - 0.02 <= ratio.min() and ratio.max() <= 1.3 + 0.02
+    assert np.abs(ratio - 1).max() > 0.1
+
+
+def test_saturation_scales_the_chroma_and_leaves_greys_alone(mid_tones):
+    augment = Augment(flip=False, saturation=0.3)
+    before, after = _jittered(augment, mid_tones)
+    assert np.abs(after.max(axis=-1) - before.max(axis=-1)).max() <= 1  # the value (brightest channel) stays
+    coloured = _chroma(before) >= 20
+    ratio = _chroma(after)[:, coloured].mean(axis=1) / _chroma(before)[coloured].mean()
+    assert 0.7 - 0.02 <= ratio.min() and ratio.max() <= 1.3 + 0.02
+    assert np.abs(ratio - 1).max() > 0.1
+    grey = np.repeat(mid_tones[..., :1], 3, axis=-1)
+    grey_before, grey_after = _jittered(augment, grey)
+    assert np.abs(grey_after - grey_before).max() <= 1
+
+
+def test_hue_turns_colours_by_a_bounded_nonzero_amount(mid_tones):
+    hue = 0.05
+    before, after = _jittered(Augment(flip=False, hue=hue), mid_tones)
+    # A hue turn keeps each pixel's brightest and darkest channel values and moves a channel
+    # by at most 6 * turn * chroma (HSV is piecewise linear in hue with that slope).
+    assert np.abs(after.max(axis=-1) - before.max(axis=-1)).max() <= 1
+    assert np.abs(after.min(axis=-1) - before.min(axis=-1)).max() <= 1
+    assert np.all(np.abs(after - before) <= 6 * hue * _chroma(before)[..., None] + 1)
+    assert np.abs(after - before).mean(axis=(1, 2, 3)).max() > 2  # random hues: the means barely move
+
+
+def test_standard_jitter_moves_the_channel_means_by_a_bounded_nonzero_amount(mid_tones):
+    config = {**Augment.standard().get_config(), "flip": False, "crop_scale": None}
+    augment = Augment.from_config(config)
+    before, after = _jittered(augment, mid_tones)
+    shift = np.abs(after.mean(axis=(1, 2)) - before.mean(axis=(0, 1)))  # per seed and channel
+    # brightness moves a mean by <= 0.2 * 255, saturation and hue by a fraction of the chroma
+    assert shift.max() <= 0.2 * 255 + (0.2 + 6 * 0.02) * _chroma(before).max() + 1
+    assert np.median(shift.max(axis=1)) > 5
+
+
 def test_works_in_tf_data_graph(image):
     dataset = tf.data.Dataset.from_tensors(image).repeat(3).map(lambda x: Augment.standard()(x))
     outputs = list(dataset)
