@@ -125,6 +125,18 @@ def test_losses_are_eqs_6_and_7():
     np.testing.assert_array_equal(_numpy(play["targets"]), data["target_view"])
 
 
+def test_d_logits_are_split_into_the_real_and_the_generated_half():
+    game = _game()
+    data = _batch()
+    play = game._play(data["image"], data["label"], data["view"], data["target_view"], training=False)
+    real = game.discriminator(data["image"], training=False)
+    fake = game.discriminator(play["generated"], training=False)
+    for half, out in (("real", real), ("fake", fake)):
+        np.testing.assert_allclose(_numpy(play[f"{half}_identity"]), _numpy(out["identity"]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(_numpy(play[f"{half}_view"]), _numpy(out["view"]), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(_numpy(real["identity"]), _numpy(fake["identity"]), atol=1e-3)
+
+
 def test_g_is_conditioned_on_the_target_view_code():
     game = _game()
     data = _batch()
@@ -302,3 +314,22 @@ def test_augment_spreads_views_then_interpolates_neighbouring_views():
     assert np.all(soft[:, [1, 3]] == 0) and np.all((soft > 0).sum(axis=1) <= 2)
     with pytest.raises(ValueError, match="View ids must be in"):
         game.augment(images, views=[9])
+
+
+def test_fgkeras_augment_writes_per_image_views_for_a_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from fgkeras import cli
+
+    game = _game()
+    game.save(tmp_path / "game.keras")
+    (tmp_path / "shots" / "classA").mkdir(parents=True)
+    for i, image in enumerate(_batch()["image"][:2].astype("uint8")):
+        Image.fromarray(image).save(tmp_path / "shots" / "classA" / f"img{i}.png")
+    code = cli.main(["augment", "--model", str(tmp_path / "game.keras"), "--input", str(tmp_path / "shots"),
+                     "--output", str(tmp_path / "out"), "--views", "0,4", "--per-image", "3"])
+    assert code == 0
+    written = sorted(p.name for p in (tmp_path / "out" / "classA").iterdir())
+    assert written == [f"img{i}_view{j:02d}.png" for i in range(2) for j in range(3)]
+    assert np.asarray(Image.open(tmp_path / "out" / "classA" / written[0])).shape == (SIZE, SIZE, 3)
+    assert "Wrote 6 generated images for 2 inputs" in capsys.readouterr().out
