@@ -52,6 +52,8 @@ def cmd_train(args):
 
     if args.method == "viewgan":
         return _train_viewgan(args)
+    if args.method == "fggan" and args.config == "baseline":
+        args.config = "fggan"
     config = _config(args)
     train_set, test_set = experiments.load_data(config.data)
     print(f"Training {config.train.method} on {len(train_set)} images of {train_set.num_classes} classes")
@@ -144,16 +146,30 @@ def _demo_viewgan(args):
     print(f"View grid written to {results['grid']}")
 
 
+# The retrieval demos by `--method`: (config used for the default "demo", what it trains side by
+# side, the method whose embedder is exported — None: the best by Recall@1 —, what it says).
+DEMO_METHODS = {
+    "htg": ("demo", ("triplet_random", "triplet_batch_hard", "htg"), None, "random triplets, batch-hard and HTG"),
+    "fggan": ("fggan_demo", ("softmax_nobias", "fggan"), "fggan",
+              "S alone (no-bias softmax) and FGGAN (S pre-trained, then the game; S∘G exported)"),
+}
+
+
 def cmd_demo(args):
     from fgkeras import experiments
 
-    if getattr(args, "demo_method", "htg") == "viewgan":
+    method = getattr(args, "demo_method", "htg")
+    if method == "viewgan":
         return _demo_viewgan(args)
+    default_config, methods, export_method, description = DEMO_METHODS[method]
+    if args.config == "demo":
+        args.config = default_config
     config = _config(args)
-    print(f"fgkeras demo: random triplets, batch-hard and HTG, {config.train.epochs} epochs × "
+    print(f"fgkeras demo: {description}, {config.train.epochs} epochs × "
           f"{config.train.steps_per_epoch} steps each, on synthetic multi-view vehicles at "
           f"{config.data.image_size} px")
-    results, table = experiments.run_demo(config, args.out, export=not args.no_export)
+    results, table = experiments.run_demo(config, args.out, methods=methods, export=not args.no_export,
+                                          export_method=export_method)
     print(table)
     if "export" in results:
         _print_export(results["export"])
@@ -263,9 +279,11 @@ def build_parser():
     _add_config_arguments(demo, "demo")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
     demo.add_argument("--no-export", action="store_true", help="stop after the comparison")
-    demo.add_argument("--method", dest="demo_method", choices=("htg", "viewgan"), default="htg",
+    demo.add_argument("--method", dest="demo_method", choices=("htg", "viewgan", "fggan"),
+                      default="htg",
                       help="htg: the retrieval baselines and HTG (default); viewgan: a smoke-sized ViewGAN, "
-                           "its view grid and few-shot table")
+                           "its view grid and few-shot table; fggan: FGGAN (GDNS) against S alone, S∘G exported, "
+                           "indexed, served and queried")
     demo.set_defaults(func=cmd_demo)
 
     train = commands.add_parser("train", help="train one method and evaluate it on unseen classes")

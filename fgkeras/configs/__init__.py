@@ -21,8 +21,9 @@ class DataConfig:
     in the cars196_half format, `path` = the CSV), "folder" (`path/<class>/<image>`,
     classes split in two halves by sorted name) or "tfds" (`tfds_name`, needs the data
     on disk). `num_makes` … `occlusion_prob` are `SyntheticVehicles` arguments (its
-    difficulty knobs). Training uses the classes of `train_split`; retrieval is evaluated on the
-    classes of `test_split`, never seen in training.
+    difficulty knobs; `stock_view` the azimuth of its stock photos). Training uses the
+    classes of `train_split`; retrieval is evaluated on the classes of `test_split`, never
+    seen in training.
     """
 
     source: str = "synthetic"
@@ -40,6 +41,7 @@ class DataConfig:
     clutter: float = 0.3
     occlusion_prob: float = 0.05
     augment: bool = False
+    stock_view: int = 0
 
 
 @dataclasses.dataclass
@@ -169,6 +171,35 @@ class ViewGANConfig:
 
 
 @dataclasses.dataclass
+class FGGANConfig:
+    """FGGAN (`train.method="fggan"`, `train.variant`: one of `fgkeras.models.fggan.VARIANTS`).
+
+    S (the `model` embedder) is pre-trained with a no-bias softmax for `pretrain_steps` steps at
+    `pretrain_learning_rate` on the training classes' real images, cached under `cache_dir` by a
+    hash of everything it depends on (data, model, steps, seed), so every variant and run of the
+    same data and seed starts from the same S. The game then plays `train.epochs` ×
+    `train.steps_per_epoch` steps on pairs (user photo, stock photo in `canonical_view`) of
+    `train.classes_per_batch` × `train.images_per_class` pairs, with `train.optimizer` at
+    `train.learning_rate` for each player (the fggan config: Adam, 2e-4, β1 0.5). `width` is the
+    base width of G, D and N; `recon_layer`, `lam` (λ), `semantic_weight` (the 0.001),
+    `positive_pair` and `feature` (the retrieval feature of `model.embedder`) are those of
+    `fgkeras.models.ViewNormalizingGAN`. For the canonical-view study on synthetic data, set
+    `data.stock_view` and `fggan.canonical_view` to the same azimuth.
+    """
+
+    canonical_view: int = 0
+    recon_layer: str = "conv4"
+    lam: float = 1.0
+    semantic_weight: float = 0.001
+    positive_pair: str = "same_class"
+    feature: str = "embedding"
+    width: int = 32
+    pretrain_steps: int = 500
+    pretrain_learning_rate: float = 1e-3
+    cache_dir: str = "runs/cache/fggan_semantic"
+
+
+@dataclasses.dataclass
 class EvalConfig:
     batch_size: int = 128
 
@@ -180,6 +211,7 @@ class ExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    fggan: FGGANConfig = dataclasses.field(default_factory=FGGANConfig)
     viewgan: ViewGANConfig = dataclasses.field(default_factory=ViewGANConfig)
 
     def to_dict(self):
@@ -211,12 +243,22 @@ def _htg(kpm=False):
                             train=TrainConfig(method="htg", warmup_epochs=6, epochs=20))
 
 
+def _fggan(name, pretrain_steps=500, **train):
+    """FGGAN's paper settings: Adam(2e-4, β1 0.5) for every player, batches of 32 pairs, GDNS."""
+    return ExperimentConfig(
+        name=name, fggan=FGGANConfig(pretrain_steps=pretrain_steps),
+        train=TrainConfig(method="fggan", variant="GDNS", optimizer="adam", learning_rate=2e-4, beta_1=0.5,
+                          classes_per_batch=8, images_per_class=4, validation_classes=0.0, **train))
+
+
 EXPERIMENTS = {
     "baseline": lambda: ExperimentConfig(name="baseline"),
     "demo": lambda: ExperimentConfig(name="demo", train=TrainConfig(epochs=12, warmup_epochs=8, steps_per_epoch=50)),
     "cars196": _cars196,
     "htg": _htg,
     "htg_kpm": lambda: _htg(kpm=True),
+    "fggan": lambda: _fggan("fggan", epochs=20, steps_per_epoch=50),
+    "fggan_demo": lambda: _fggan("fggan_demo", epochs=4, steps_per_epoch=25, pretrain_steps=150),
     "viewgan": lambda: ExperimentConfig(name="viewgan", train=TrainConfig(method="viewgan", epochs=20, steps_per_epoch=50),
                                         viewgan=ViewGANConfig(connection_scale=4)),
 }
@@ -288,6 +330,8 @@ def smoke(config):
     config.train.steps_per_epoch = min(config.train.steps_per_epoch, 3)
     config.train.classes_per_batch = min(config.train.classes_per_batch, 4)
     config.train.images_per_class = min(config.train.images_per_class, 4)
+    config.fggan.width = min(config.fggan.width, 8)
+    config.fggan.pretrain_steps = min(config.fggan.pretrain_steps, 3)
     return config
 
 
@@ -296,6 +340,7 @@ __all__ = [
     "EXPERIMENTS",
     "EvalConfig",
     "ExperimentConfig",
+    "FGGANConfig",
     "ModelConfig",
     "TrainConfig",
     "ViewGANConfig",
