@@ -24,6 +24,20 @@ TENSORFLOW_ERROR = b"2026-11-26 13:42:50.372704: E tensorflow/core/framework/op_
 ABSL_FATAL = b"F0000 00:00:1795700576.226724    9391 check.cc:5] Check failed: size > 0"
 
 
+def _table(printed):
+    """The Markdown table in `printed`, by columns: {first cell of a row: {header: cell}}."""
+    lines = [line.strip() for line in printed.splitlines() if line.startswith("|")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert len(cells) >= 3 and set(cells[1]) == {"---"}, printed
+    header = cells[0]
+    assert all(len(row) == len(header) for row in cells[2:]), printed
+    return {row[0]: dict(zip(header, row)) for row in cells[2:]}
+
+
+def _percent(value):
+    return f"{100 * value:.1f}"
+
+
 def _run(args, **kwargs):
     env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run([sys.executable, *args], capture_output=True, env=env, timeout=600, **kwargs)
@@ -38,7 +52,11 @@ def test_demo_smoke_writes_results(tmp_path, capsys):
     for row in results["rows"]:
         assert 0.0 <= row["recall@1"] <= 1.0 and 0.0 <= row["map@r"] <= 1.0
     printed = capsys.readouterr().out
-    assert "| triplet_batch_hard |" in printed
+    table = _table(printed)
+    assert list(table) == methods
+    for row in results["rows"]:  # each method's row shows the figures results.json records for it
+        for metric in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
+            assert table[row["method"]][metric] == _percent(row[metric]), (row["method"], metric)
     assert results["config"]["train"]["epochs"] == 2  # --smoke took effect
     exported = results["export"]
     assert exported["pushed"] and exported["saved_model"].endswith(os.path.join("vehicles", "1"))
@@ -82,7 +100,9 @@ def test_train_then_evaluate_a_saved_model(tmp_path, capsys):
     assert cli.main(["evaluate", "--smoke", "--model", str(out / "model.keras")]) == 0
     printed = capsys.readouterr().out
     # The saved model, reloaded, gives the same recall@1 as right after training.
-    assert f"{100 * trained['metrics']['recall@1']:.1f}" in printed
+    (row,) = _table(printed).values()
+    assert row["model"] == "model.keras"
+    assert row["recall@1"] == _percent(trained["metrics"]["recall@1"])
 
 
 def test_bad_override_is_a_clear_error(capsys):
