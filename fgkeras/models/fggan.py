@@ -348,7 +348,7 @@ class ViewNormalizingGAN(keras.Model):
     Batches are dicts with `image` (x_r, user photos in any view), `canonical` (x_c, a stock
     photo of the same class in the canonical view), `positive` (x_p, another canonical photo of
     the class; needed for N with `positive_pair="same_class"`) and `label`, all images in
-    [0, 255] of G's input size (see `fgkeras.data.view_pairs`).
+    [0, 255] of G's input size (see `fgkeras.data.canonical_pairs`).
     """
 
     def __init__(self, generator, semantic, num_classes, discriminator=None, normalizer=None, classifier=None,
@@ -365,7 +365,8 @@ class ViewNormalizingGAN(keras.Model):
             if value < 0:
                 raise ValueError(f"`{weight}` must be >= 0. Received: {weight}={value}")
         if positive_pair not in POSITIVE_PAIRS:
-            raise ValueError(f"`positive_pair` must be one of {POSITIVE_PAIRS}. Received: positive_pair={positive_pair!r}")
+            raise ValueError(f"`positive_pair` must be one of {POSITIVE_PAIRS}. "
+                             f"Received: positive_pair={positive_pair!r}")
         uses = VARIANTS[variant]
         size = _image_shape(generator, "generator", 3)
         out = tuple(generator.output_shape)
@@ -466,7 +467,7 @@ class ViewNormalizingGAN(keras.Model):
     def _check_batch(self, data):
         if not isinstance(data, dict) or "image" not in data or "label" not in data:
             raise ValueError("An FGGAN batch must be a dict with 'image', 'canonical', 'label' (and 'positive'), "
-                             f"e.g. from `fgkeras.data.view_pairs`. Received: {type(data).__name__}"
+                             f"e.g. from `fgkeras.data.canonical_pairs`. Received: {type(data).__name__}"
                              + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""))
         needed = ["canonical"]
         if self.uses["normalizer"] and self.positive_pair == "same_class":
@@ -527,7 +528,7 @@ class ViewNormalizingGAN(keras.Model):
         return reconstruction_loss(play["f_generated"], play["f_canonical"])
 
     def _generator_loss(self, play):
-        """−log D(x_z) − log N({x_z, x_c}) + λℓ + 0.001 L_S(x_z); CAE: ‖G(x_r) − x_c‖² in [-1, 1] pixels."""
+        """−log D(x_z) − log N({x_z, x_c}) + λℓ + 0.001 L_S(x_z); CAE: ‖G(x_r) − x_c‖² ([-1, 1] pixels)."""
         terms = []
         if self.uses["discriminator"]:
             terms.append(_binary_loss(play["d_fake"], 1.0))

@@ -104,12 +104,19 @@ def _paper_losses(game, batch):
     return losses
 
 
+def _own_variables(game, name):
+    """What each player owns, listed here rather than taken from the game: S is its embedder and its head."""
+    if name == "semantic":
+        return [*game.semantic.trainable_variables, *game.classifier.trainable_variables]
+    return getattr(game, name).trainable_variables
+
+
 def _expected_sgd_step(game, batch):
     with tf.GradientTape(persistent=True) as tape:
         losses = _paper_losses(game, batch)
     expected = {}
     for name in game.players:
-        variables = game.player_variables(name)
+        variables = _own_variables(game, name)
         gradients = tape.gradient(losses[name], variables)
         expected[name] = [np.array(v) - RATES[name] * (0 if g is None else np.array(g))
                           for v, g in zip(variables, gradients)]
@@ -120,18 +127,18 @@ def _expected_sgd_step(game, batch):
 def test_one_train_step_is_sgd_on_each_players_loss_of_the_paper(variant, tiny_embedder):
     batch = _batch()
     game = _sgd_game(tiny_embedder, variant)
-    frozen = {name: _values(getattr(game, name).trainable_variables)
-              for name in ("semantic",) if name not in game.players}
+    # The pre-trained S of the variants without S: every weight, its batch norms' statistics too.
+    frozen = [] if "semantic" in game.players else [*game.semantic.weights, *game.classifier.weights]
+    before = _values(frozen)
     losses, expected = _expected_sgd_step(game, batch)
     logs = game.train_step(batch)
     for name in game.players:
-        variables = game.player_variables(name)
+        variables = _own_variables(game, name)
         for variable, got, want in zip(variables, _values(variables), expected[name]):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{name}: {variable.path}")
         np.testing.assert_allclose(float(logs[f"{name[0]}_loss"]), losses[name], rtol=1e-5, err_msg=name)
-    for name, before in frozen.items():  # the pre-trained S of the variants without S never moves
-        for b, a in zip(before, _values(getattr(game, name).trainable_variables)):
-            np.testing.assert_array_equal(a, b)
+    for variable, b, a in zip(frozen, before, _values(frozen)):  # never moves, not even in inference mode
+        np.testing.assert_array_equal(a, b, err_msg=variable.path)
 
 
 def test_the_update_order_is_the_papers_and_every_player_moves(tiny_embedder):
@@ -148,6 +155,8 @@ def test_the_update_order_is_the_papers_and_every_player_moves(tiny_embedder):
 def test_players_own_disjoint_variables_and_the_variant_has_only_its_players(tiny_embedder):
     game = _game(tiny_embedder, "GDNS")
     paths = {name: {id(v) for v in game.player_variables(name)} for name in game.players}
+    for name in game.players:
+        assert [id(v) for v in game.player_variables(name)] == [id(v) for v in _own_variables(game, name)], name
     for a in paths:
         for b in paths:
             assert a == b or not paths[a] & paths[b], (a, b)
@@ -357,7 +366,8 @@ def test_batches_of_the_wrong_shape_or_channels_are_refused(tiny_embedder):
     game.compile()
     batch = _batch()
     gray = {**batch, "image": batch["image"][..., :1]}
-    with pytest.raises(ValueError, match="Batch 'image' must be \\(batch, H, W, 3\\) RGB images. Received shape \\(8, 16, 16, 1\\)"):
+    with pytest.raises(ValueError, match="Batch 'image' must be \\(batch, H, W, 3\\) RGB images. "
+                                         "Received shape \\(8, 16, 16, 1\\)"):
         game.train_step(gray)
     small = {**batch, "canonical": batch["canonical"][:, :8, :8]}
     with pytest.raises(ValueError, match="Batch 'canonical' must have G's image size \\(16, 16\\)"):
