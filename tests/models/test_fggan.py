@@ -405,3 +405,27 @@ def test_players_need_their_own_optimizers(tiny_embedder):
         game.compile(g_optimizer=shared, d_optimizer=shared)
     game.compile(n_optimizer=shared)  # GD has no N: ignored
     assert set(game.optimizers) == {"discriminator", "generator"}
+
+
+def test_s_pretraining_is_cached_by_config_hash(tmp_path, monkeypatch):
+    from fgkeras import configs, experiments
+
+    config = configs.smoke(configs.get_config("fggan"))
+    config.data.num_makes, config.data.images_per_class = 2, 6
+    config.fggan.pretrain_steps, config.fggan.cache_dir = 1, str(tmp_path)
+    train_set, _ = experiments.load_data(config.data)
+    semantic, classifier = experiments.pretrained_semantic(config, train_set, verbose=0)
+    (folder,) = list(tmp_path.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["classifier.npy", "semantic.weights.h5"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("S was pre-trained again instead of loaded from the cache")
+
+    monkeypatch.setattr(fggan, "pretrain_semantic", no_training)
+    again, again_classifier = experiments.pretrained_semantic(config, train_set, verbose=0)
+    for a, b in zip(semantic.weights, again.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(classifier.kernel), np.asarray(again_classifier.kernel))
+    config.train.seed = 1  # another recipe: another folder, trained anew
+    with pytest.raises(AssertionError, match="pre-trained again"):
+        experiments.pretrained_semantic(config, train_set, verbose=0)
