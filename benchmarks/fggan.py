@@ -35,6 +35,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps: checks the path")
     parser.add_argument("--full", action="store_true", help="also CAE, GD, GDN* and GDN (1 seed each)")
+    parser.add_argument("--variants", help="comma-separated variants instead (e.g. GDNS for a short run)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, help="game steps (default: the fggan config's epochs × steps)")
     parser.add_argument("--pretrain-steps", type=int, help="S's pre-training steps (default: the config's)")
@@ -113,6 +114,8 @@ def run(args):
     from fgkeras.models import CanonicalEmbedder
 
     variants = ["GDN*S", "GDNS"] + (["CAE", "GD", "GDN*", "GDN"] if args.full else [])
+    if args.variants:
+        variants = args.variants.split(",")
     rows, seconds = [], {}
     for seed in range(args.seeds):
         config = make_config(args, seed)
