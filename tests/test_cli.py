@@ -96,7 +96,8 @@ def test_train_then_evaluate_a_saved_model(tmp_path, capsys):
     trained = json.loads((out / "results.json").read_text())
     assert trained["config"]["train"]["method"] == "softmax_nobias"
     assert trained["config"]["train"]["steps_per_epoch"] == 2
-    capsys.readouterr()
+    printed_after_training = _table(capsys.readouterr().out)["softmax_nobias"]
+    assert printed_after_training["recall@1"] == _percent(trained["metrics"]["recall@1"])
     assert cli.main(["evaluate", "--smoke", "--model", str(out / "model.keras")]) == 0
     printed = capsys.readouterr().out
     # The saved model, reloaded, gives the same recall@1 as right after training.
