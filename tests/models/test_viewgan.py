@@ -288,7 +288,7 @@ def _fit_one_step(strategy, data):
     return history.history, _values(game.weights)
 
 
-@pytest.mark.parametrize("targets", [True, False])
+@pytest.mark.parametrize("targets", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_mirrored_step_equals_one_device_on_the_same_global_batch(mirrored_strategy, targets):
     # Each replica sees 4 of the 8 images: batch norms unsynchronised, or noise / target views
     # drawn per replica, would give another step than one device on the whole batch.
