@@ -108,9 +108,21 @@ def test_empty_index_grows_on_upsert_and_shrinks_to_empty(rng):
 def test_k_beyond_the_leaves_searched_is_completed_exactly(gallery):
     vectors, ids, queries = gallery
     index = ScannIndex(mode="tree", num_leaves=40, num_leaves_to_search=1).build(vectors, ids)
-    found, scores = index.search(queries[:5], k=1500)  # more than one leaf holds
-    assert found.shape == (5, 1500) and not np.isnan(scores).any()
-    assert all(len(set(row)) == 1500 for row in found)
+    k = 1500  # more than one leaf holds: every query comes up short in the leaf searched
+    found, scores = index.search(queries[:5], k=k)
+    assert found.shape == (5, k) and not np.isnan(scores).any()
+    expected, expected_scores = ExactIndex().build(vectors, ids).search(queries[:5], k=k)
+    np.testing.assert_array_equal(found, expected)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    # and with numpy alone: the k best inner products, best first, each the score of its id
+    brute = queries[:5].astype(np.float64) @ vectors.T.astype(np.float64)
+    np.testing.assert_allclose(scores, -np.sort(-brute, axis=1)[:, :k], atol=1e-5)
+    rows = {name: row for row, name in enumerate(ids)}
+    found_rows = np.array([[rows[name] for name in row] for row in found])
+    np.testing.assert_allclose(np.take_along_axis(brute, found_rows, axis=1), scores, atol=1e-5)
+    one, one_scores = index.search(queries[0], k=k)  # the single-query path
+    np.testing.assert_array_equal(one[0], expected[0])
+    np.testing.assert_allclose(one_scores[0], expected_scores[0], atol=1e-5)
 
 
 def test_rebalance_after_enough_mutations(gallery, rng):
