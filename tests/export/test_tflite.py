@@ -1,5 +1,6 @@
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,10 +16,14 @@ SIZE, DIM = 32, 16
 # (XNNPACK vs oneDNN summation order).
 FP32_TOLERANCE = 1e-5
 NORM_TOLERANCE = 1e-5
+# The untrained embedder's embeddings lie close together, so its nearest neighbours are fragile:
+# measured 0.66 (int8) on 160 images; a trained one keeps 0.81 (benchmarks/results/tflite.md: 0.84).
+NN_AGREEMENT_UNTRAINED = 0.6
 
 
 @pytest.fixture(scope="module")
 def embedder():
+    keras.utils.set_random_seed(0)  # the retrieval figures quoted below were measured with these weights
     return build_embedder(width=0.25, embedding_dim=DIM, image_size=SIZE)
 
 
@@ -114,7 +119,7 @@ def test_quantized_models_give_finite_unit_vectors(files, unseen, parity, mode):
     report = parity[mode]
     assert report["max_norm_error"] <= NORM_TOLERANCE
     assert 0 < report["max_abs_diff"] < 0.5  # quantized, so not equal; not garbage either
-    assert 0.0 <= report["nn_agreement"] <= 1.0 and 0.0 <= report["recall@1"] <= 1.0
+    assert report["nn_agreement"] >= NN_AGREEMENT_UNTRAINED  # retrieval: test_int8_retrieval_is_close_to_fp32...
 
 
 def test_int8_is_quantized_and_keeps_the_head_in_float(files):
@@ -137,6 +142,58 @@ def test_parity_report(parity, unseen):
     for mode in ("dynamic", "int8"):
         assert parity[mode]["recall@1_drop"] == pytest.approx(
             parity["reference"]["recall@1"] - parity[mode]["recall@1"])
+
+
+def _neighbours(embeddings):
+    """Leave-one-out nearest neighbour of each embedding (float64 inner products)."""
+    embeddings = np.asarray(embeddings, np.float64)
+    similarity = embeddings @ embeddings.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity.argmax(axis=1)
+
+
+def _int8_retrieval(embedder, files, imageset):
+    """Recall@1 of the fp32 and int8 files, and how often int8 finds Keras's nearest neighbour,
+    computed here from the embeddings; `tflite_parity` must report the same."""
+    images, labels = imageset.images, imageset.labels
+    reference = _neighbours(np.asarray(embedder(images, training=False)))
+    fp32, int8 = (_neighbours(TFLiteEmbedder(files[mode]).embed(images)) for mode in ("fp32", "int8"))
+    figures = {"fp32": float(np.mean(labels[fp32] == labels)), "int8": float(np.mean(labels[int8] == labels)),
+               "nn_agreement": float(np.mean(int8 == reference))}
+    report = tflite_parity(embedder, {"int8": files["int8"]}, images, labels)["int8"]
+    assert report["recall@1"] == pytest.approx(figures["int8"])
+    assert report["nn_agreement"] == pytest.approx(figures["nn_agreement"])
+    return figures
+
+
+def test_int8_retrieval_is_close_to_fp32_on_the_same_images(embedder, files):
+    """160 images of the unseen classes: measured Recall@1 33.1 % fp32, 34.4 % int8, the same
+    nearest neighbour as Keras for 66 % (an untrained embedder: see NN_AGREEMENT_UNTRAINED)."""
+    unseen = SyntheticVehicles(seed=0, image_size=SIZE, num_makes=4, models_per_make=2,
+                               images_per_class=40).imageset("unseen")
+    figures = _int8_retrieval(embedder, files, unseen)
+    assert abs(figures["int8"] - figures["fp32"]) <= 0.03
+    assert figures["nn_agreement"] >= NN_AGREEMENT_UNTRAINED
+
+
+@pytest.mark.slow
+def test_int8_retrieval_of_a_trained_embedder_is_within_two_points_of_fp32(tmp_path):
+    """A trained embedder (softmax, 6 × 50 steps at 32 px; about 1 min): measured Recall@1 28.8 %
+    fp32, 27.8 % int8 on the 320 images of the 8 unseen classes, the same neighbour for 81 %."""
+    from fgkeras import configs, experiments
+
+    config = configs.override(configs.smoke(configs.get_config("baseline")), [
+        f"data.image_size={SIZE}", "data.images_per_class=40", "train.method=softmax_nobias", "train.epochs=6",
+        "train.steps_per_epoch=50", "train.classes_per_batch=6"])
+    train_set, test_set = experiments.load_data(config.data)
+    embedder = experiments.train(config, train_set=train_set, verbose=0)[0].embedder
+    files = {mode: export_tflite(embedder, str(tmp_path / f"{mode}.tflite"), SIZE, mode=mode,
+                                 representative_images=train_set.images if mode == "int8" else None)
+             for mode in ("fp32", "int8")}
+    figures = _int8_retrieval(embedder, files, test_set)
+    assert figures["fp32"] >= 0.2  # it learned: a random neighbour is of the same class 12 % of the time
+    assert abs(figures["int8"] - figures["fp32"]) <= 0.02
+    assert figures["nn_agreement"] >= 0.75
 
 
 def test_fully_quantized_l2_normalisation_is_caught(embedder, vehicles, unseen):
