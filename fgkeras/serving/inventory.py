@@ -201,12 +201,17 @@ class Inventory:
                                       "`fgkeras index`")
         return max(versions)
 
-    def _from_log_only(self, version):
+    def _stored_metadata(self, version):
+        """The metadata of the index stored for `version` (its manifest only), or None without a readable one."""
         try:
             with open(os.path.join(self.index_dir(version), MANIFEST)) as f:
-                return json.load(f).get("metadata", {}).get("gallery", "") is None
+                return json.load(f).get("metadata", {})
         except (OSError, ValueError):
-            return False
+            return None
+
+    def _from_log_only(self, version):
+        metadata = self._stored_metadata(version)
+        return metadata is not None and metadata.get("gallery", "") is None
 
     # ------------------------------------------------------------------ reads
 
@@ -425,11 +430,8 @@ class Inventory:
         mentioned = {v.version for _, record in self._entries for v in record.upsert_vectors}
         behind = {}
         for version in sorted(mentioned - set(self._versions)):
-            try:
-                with open(os.path.join(self.index_dir(version), MANIFEST)) as f:
-                    behind[version] = int(json.load(f).get("metadata", {}).get("log_seq", 0))
-            except (OSError, ValueError):  # no index saved yet: every record of it must stay
-                behind[version] = 0
+            metadata = self._stored_metadata(version) or {}  # no index saved yet: every record of it stays
+            behind[version] = int(metadata.get("log_seq", 0))
         return behind
 
     def _maybe_retrain(self, state):
