@@ -297,7 +297,7 @@ class Inventory:
             vectors = _checked(state, ids, embeddings)
             record = inventory_pb2.LogRecord(upsert_ids=ids)
             _fill(record.upsert_vectors.add(version=state.version).embeddings, vectors)
-            return self._commit(record, ids)
+            return self._commit(record, ids, counted=state)
 
     def delete(self, ids, missing_ok=False):
         """Removes items from every attached version's index, durably. Returns `(deleted, count)`.
@@ -359,13 +359,13 @@ class Inventory:
         versions = self._versions
         return versions[max(versions)] if versions else None
 
-    def _commit(self, record, ids):
+    def _commit(self, record, ids, counted=None):
         """(holds the write lock) Logs a checked change, applies it to every attached index it
-        concerns, counts it; returns the counts of an upsert."""
+        concerns, counts it; returns the counts of an upsert in `counted`'s index (default: the newest)."""
         if self._closing:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, "the inventory is closing")
-        newest = self._newest()
-        inserted = sum(1 for i in ids if i not in newest.ids)
+        counted = counted or self._newest()
+        inserted = sum(1 for i in ids if i not in counted.ids)
         try:
             seq = self._wal.append(record.SerializeToString())
         except OSError as error:
@@ -384,7 +384,7 @@ class Inventory:
             self._snapshot()
         for state in self._sorted_states():
             self._maybe_retrain(state)
-        return inserted, len(ids) - inserted, len(newest.index), holders
+        return inserted, len(ids) - inserted, len(counted.index), holders
 
     def _replay(self, state):
         """(holds the write lock) Applies the logged changes after the last one `state`'s index holds."""

@@ -77,6 +77,7 @@ def test_embeddings_upserts_reach_only_the_version_that_made_them(tmp_path):
     inventory, _ = _open(tmp_path / "cars", versions=(1, 2))
     assert inventory.upsert_embeddings(2, ["e"], _vectors(1, seed=5)) == (1, 0, 1, [2])
     assert _contents(inventory, 2) == ["e"] and _contents(inventory, 1) == []
+    assert inventory.upsert_embeddings(1, ["e", "f"], _vectors(2, seed=6)) == (2, 0, 2, [1])  # counted in 1's index
     with pytest.raises(ServingError, match="must name the model version") as error:
         inventory.upsert_embeddings(None, ["f"], _vectors(1))
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
