@@ -46,6 +46,11 @@ _MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many
 # --- versions -------------------------------------------------------------------------------
 
 
+def is_version_name(name):
+    """True for a directory name that is a version number: `[0-9]+` in ASCII without leading zeros, below 2^63."""
+    return name.isascii() and name.isdigit() and (name == "0" or name[0] != "0") and int(name) < 2 ** 63
+
+
 def list_versions(root, ignored=None):
     """The versions under `root`, ascending: the directories named by a version number.
 
@@ -67,7 +72,7 @@ def list_versions(root, ignored=None):
     for entry in os.listdir(root):
         if not os.path.isdir(os.path.join(root, entry)):
             continue
-        if entry.isascii() and entry.isdigit() and (entry == "0" or entry[0] != "0") and int(entry) < 2 ** 63:
+        if is_version_name(entry):
             versions.append(int(entry))
         elif entry.isnumeric() and (ignored is None or entry not in ignored):
             if ignored is not None:

@@ -58,11 +58,12 @@ def resolve_model_dir(model_dir):
     """`(name, version, path)` of `saved_models/<name>/<version>`, or of the latest version of
     `saved_models/<name>`."""
     from fgkeras.export import list_versions
+    from fgkeras.export.serving_layout import is_version_name
 
     model_dir = os.path.abspath(os.fspath(model_dir))
     if os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
         base, version = os.path.split(model_dir)
-        if not version.isascii() or not version.isdigit() or str(int(version)) != version:
+        if not is_version_name(version):
             raise ValueError(f"`model_dir` must be saved_models/<name>/<version> with an integer version, or "
                              f"saved_models/<name>. Received: model_dir={model_dir!r}")
         return os.path.basename(base), int(version), model_dir
