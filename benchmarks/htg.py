@@ -40,6 +40,17 @@ ABLATIONS = {
 }
 
 
+def with_restart_control(variants):
+    """Each variant, then the same with a warm restart of the learning rate after the warm-up
+    (HTG: a cosine per phase; the others: the same restart at the same epoch), so one run
+    decides which schedule every metric-learning method should default to."""
+    controlled = {}
+    for label, overrides in variants.items():
+        controlled[label] = overrides
+        controlled[f"{label}, restart"] = [*overrides, "train.restart_schedule=true"]
+    return controlled
+
+
 def htg_note(config):
     """HTG's recipe as the config sets it (each row's changes from it are in its label)."""
     train, model = config.train, config.model
@@ -84,9 +95,13 @@ def main():
     parser.add_argument("--skip-step-time", action="store_true")
     parser.add_argument("--ablations", action="store_true", help="run ABLATIONS instead of the methods")
     parser.add_argument("--only", action="append", metavar="LABEL", help="run only these variants")
+    parser.add_argument("--restart-control", action="store_true",
+                        help="also run every variant with train.restart_schedule=true, in the same table")
     args = parser.parse_args()
 
     variants, prefix = (ABLATIONS, "htg_ablations") if args.ablations else (VARIANTS, "htg")
+    if args.restart_control:
+        variants = with_restart_control(variants)
     if args.only:
         unknown = set(args.only) - set(variants)
         if unknown:

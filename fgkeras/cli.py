@@ -5,27 +5,12 @@ import contextlib
 import json
 import logging
 import os
-import re
-import signal
 import subprocess
 import sys
 
+from fgkeras import _native_logs
+
 logger = logging.getLogger("fgkeras")
-
-# Log lines that native libraries write to the process's stderr (fd 2) past Python's logging:
-# absl's (`W0000 00:00:1795700576.693136  9391 file.cc:364] ...`), TensorFlow's
-# (`2026-11-26 13:42:50.372704: E file.cc:51] ...`), TensorFlow Lite's (`INFO: ...`) and the
-# MLIR quantizer's print of its settings (`fully_quantize: 0, ...`).
-_NATIVE_LOG_LINE = re.compile(
-    rb"(?P<absl>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
-    rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<tensorflow>[IWEF]) \S+:\d+\] "
-    rb"|(?P<tflite>INFO|WARNING|ERROR): "
-    rb"|(?P<quantizer>fully_quantize): "
-)
-# Severities as TF_CPP_MIN_LOG_LEVEL counts them.
-_NATIVE_SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3, b"INFO": 0, b"WARNING": 1, b"ERROR": 2,
-                    b"fully_quantize": 0}
-
 
 def _config(args):
     from fgkeras import configs
@@ -364,32 +349,6 @@ def build_parser():
     return parser
 
 
-def _native_severity(line):
-    """The severity of a native library's log line (0 info to 3 fatal), None for any other line."""
-    match = _NATIVE_LOG_LINE.match(line)
-    if match is None:
-        return None
-    severity = _NATIVE_SEVERITY[next(group for group in match.groups() if group is not None)]
-    if b"failed call to cuInit" in line:  # logged as an error, but only says "no GPU driver here"
-        return min(severity, 1)
-    return severity
-
-
-def _copy_native_stderr(source, target, min_level):
-    """Copies the lines of binary file `source` to `target`, but native log lines below `min_level`."""
-    for line in source:
-        severity = _native_severity(line)
-        if severity is None or severity >= min_level:
-            target.write(line)
-            target.flush()
-
-
-def _run_native_stderr_filter(min_level):
-    """The filter process: its stdin to its stderr. Ctrl-C is for the command: this process ends at EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _copy_native_stderr(sys.stdin.buffer, sys.stderr.buffer, min_level)
-
-
 @contextlib.contextmanager
 def _filter_native_stderr():
     """Passes what native libraries write to fd 2 through a filter process; Python's stderr stays direct.
@@ -403,12 +362,10 @@ def _filter_native_stderr():
     """
     level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
     min_level = int(level) if level.isdigit() else 2
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import sys; sys.path.insert(0, {package_root!r}); "
-            f"from fgkeras.cli import _run_native_stderr_filter; _run_native_stderr_filter({min_level})")
     python_stderr = sys.stderr
     python_stderr.flush()
-    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    # Run by path, not as `fgkeras._native_logs`: importing the package would load TensorFlow.
+    process = subprocess.Popen([sys.executable, _native_logs.__file__, str(min_level)], stdin=subprocess.PIPE)
     # Kept open for the life of the process: loggers created meanwhile keep writing to it.
     terminal = os.dup(2)
     os.dup2(process.stdin.fileno(), 2)
@@ -432,11 +389,13 @@ def _configure_logging(verbose):
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(lambda record: record.levelno >= threshold or record.name.split(".")[0] == "fgkeras")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    # TensorFlow gives its logger a handler of its own when it loads before any is configured
+    # (`import fgkeras` loads it): its lines go through ours alone, or they would print twice.
+    logging.getLogger("tensorflow").handlers.clear()
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Only a process's own stderr: not one that pytest or a notebook has replaced.
     owns_stderr = sys.stderr is not None and sys.stderr is sys.__stderr__ and bool(sys.executable)
     with _filter_native_stderr() if owns_stderr else contextlib.nullcontext():

@@ -7,7 +7,7 @@ import textwrap
 import keras
 import pytest
 
-from fgkeras import cli, configs
+from fgkeras import _native_logs, cli, configs
 
 # Lines written to stderr by TensorFlow 2.20's native libraries during `fgkeras export` and
 # `fgkeras demo` on a machine without a GPU driver.
@@ -140,7 +140,7 @@ def test_unknown_experiment():
     (b"Traceback (most recent call last):", None), (b"W0000 is not a log line", None),
 ])
 def test_native_log_lines_and_their_severity(line, severity):
-    assert cli._native_severity(line + b"\n") == severity
+    assert _native_logs.severity(line + b"\n") == severity
 
 
 def test_native_stderr_filter_keeps_errors_even_when_the_process_aborts(tmp_path):
@@ -183,5 +183,5 @@ def test_command_line_stderr_has_no_tensorflow_noise(tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     assert b"| tiny.keras |" in result.stdout
     assert b"cuInit" not in result.stderr
-    severities = [cli._native_severity(line) for line in result.stderr.splitlines()]
+    severities = [_native_logs.severity(line) for line in result.stderr.splitlines()]
     assert all(severity is None or severity >= 2 for severity in severities)

@@ -633,11 +633,6 @@ def test_train_htg_warm_up_triplets_are_a_named_option(rng, tiny_embedder, monke
 
 # --- loading -------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "`import fgkeras` does not import the modules that register the classes: importing them there "
-    "loads TensorFlow before the CLI sets TF_CPP_MIN_LOG_LEVEL and its native stderr filter "
-    "(tests/test_cli.py::test_command_line_stderr_has_no_tensorflow_noise); fgkeras/__init__.py "
-    "needs a registration that does not load TensorFlow first (see tests/models/MUTATIONS.md)"))
 def test_embedder_keras_files_load_after_importing_fgkeras_alone(tmp_path, rng):
     # A fresh interpreter that imports nothing of fgkeras but the package: the classes an
     # embedder file names (fgkeras>Embedder, fgkeras>KeypointEmbedder, fgkeras layers) must be
