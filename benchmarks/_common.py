@@ -1,6 +1,8 @@
 """What every benchmark shares: quiet TensorFlow, the machine facts, the results file."""
 
 import datetime
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -78,7 +80,73 @@ def fit_images_per_second(model, images, labels, steps):
     return steps * len(images) / timer.seconds
 
 
-def compare_variants(base_config, variants, seeds, metrics):
+class RunStore:
+    """Finished training runs, one JSON line each, reused when the same run is asked for again.
+
+    Long comparisons outlast a session on this machine (a 64-px HTG run takes minutes): every
+    finished run is appended to `results/<topic>.jsonl` under a hash of its whole configuration,
+    so a comparison cut short loses only the run in progress, and a later invocation with the
+    same settings trains only what is missing. A changed configuration (any key) is a new run.
+    """
+
+    def __init__(self, topic, enabled=True):
+        self.path = os.path.join(RESULTS_DIR, f"{topic}.jsonl")
+        self.enabled = enabled
+        self.runs = {}
+        if enabled and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.runs = {run["key"]: run for run in map(json.loads, filter(str.strip, f))}
+
+    @staticmethod
+    def key(config):
+        return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+
+    def get(self, config):
+        return self.runs.get(self.key(config))
+
+    def add(self, config, run):
+        run = {"key": self.key(config), **run}
+        self.runs[run["key"]] = run
+        if self.enabled:
+            os.makedirs(RESULTS_DIR, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(run) + "\n")
+        return run
+
+
+def train_and_measure(config, train_set, test_set, metrics, store):
+    """One run of `config`: trained (or taken from `store`), its test metrics and seconds."""
+    from fgkeras import experiments
+
+    run = store.get(config)
+    if run is not None:
+        return run
+    start = time.perf_counter()
+    model, history = experiments.train(config, train_set=train_set, verbose=0)
+    seconds = time.perf_counter() - start
+    result = experiments.evaluate(model.embedder, test_set, config)
+    epochs = len(history.history.get("loss", [])) if history is not None else None
+    return store.add(config, {"method": config.train.method, "seed": config.train.seed,
+                              "train_seconds": round(seconds), "epochs_run": epochs,
+                              **{key: float(result[key]) for key in metrics}})
+
+
+def mean_std_rows(runs_by_label, metrics):
+    """Rows of `label, seeds, metric mean ± std (in %), train_seconds` from lists of runs."""
+    import numpy as np
+
+    rows = []
+    for label, runs in runs_by_label.items():
+        row = {"method": label, "seeds": len(runs)}
+        for key in metrics:
+            values = np.array([run[key] for run in runs]) * 100
+            row[key] = f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+        row["train_seconds"] = f"{np.mean([run['train_seconds'] for run in runs]):.0f}"
+        rows.append(row)
+    return rows
+
+
+def compare_variants(base_config, variants, seeds, metrics, store=None):
     """Trains every variant on the same data and budget; rows of mean ± std over seeds.
 
     Args:
@@ -86,11 +154,11 @@ def compare_variants(base_config, variants, seeds, metrics):
         variants: dict `label -> list of "key=value" overrides` (e.g. ["train.method=htg"]).
         seeds: the training seeds.
         metrics: metric names for the rows (shown as percentages).
+        store: a `RunStore` whose finished runs are reused (None: train everything, keep nothing).
     """
-    import numpy as np
-
     from fgkeras import configs, experiments
 
+    store = store or RunStore("", enabled=False)
     per_variant = {label: [] for label in variants}
     for seed in seeds:
         config = configs.ExperimentConfig.from_dict(base_config.to_dict())
@@ -98,20 +166,8 @@ def compare_variants(base_config, variants, seeds, metrics):
         train_set, test_set = experiments.load_data(config.data)
         for label, overrides in variants.items():
             variant = configs.override(configs.ExperimentConfig.from_dict(config.to_dict()), overrides)
-            start = time.perf_counter()
-            model, _ = experiments.train(variant, train_set=train_set, verbose=0)
-            seconds = time.perf_counter() - start
-            result = experiments.evaluate(model.embedder, test_set, variant)
-            result["train_seconds"] = seconds
-            per_variant[label].append(result)
-            print(f"seed {seed} {label}: " + ", ".join(f"{k} {result[k]:.3f}" for k in metrics)
-                  + f", {seconds:.0f} s", flush=True)
-    rows = []
-    for label, runs in per_variant.items():
-        row = {"method": label, "seeds": len(runs)}
-        for key in metrics:
-            values = np.array([r[key] for r in runs]) * 100
-            row[key] = f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-        row["train_seconds"] = f"{np.mean([r['train_seconds'] for r in runs]):.0f}"
-        rows.append(row)
-    return rows
+            run = train_and_measure(variant, train_set, test_set, metrics, store)
+            per_variant[label].append(run)
+            print(f"seed {seed} {label}: " + ", ".join(f"{k} {run[k]:.3f}" for k in metrics)
+                  + f", {run['train_seconds']} s", flush=True)
+    return mean_std_rows(per_variant, metrics)

@@ -106,7 +106,8 @@ def main():
     args = comparison_parser(__doc__).parse_args()
     for slug, name, config in configured_datasets(args):
         variants = {method: [f"train.method={method}"] for method in METHODS}
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS)
+        store = _common.RunStore(f"baselines_{slug}", enabled=not args.smoke)
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
         print("wrote", _common.write_results(f"baselines_{slug}", [(name, table + "\n\n" + budget(config))]))

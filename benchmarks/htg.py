@@ -108,7 +108,8 @@ def main():
             parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(variants)}")
         variants = {label: variants[label] for label in args.only}
     for slug, name, config in configured_datasets(args):
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS)
+        store = _common.RunStore(f"{prefix}_{slug}", enabled=not args.smoke)
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
         note = htg_note(config) + " " + budget(config, htg=True)

@@ -12,25 +12,20 @@ row above is that change's:
 
 The pixel and colour-histogram baselines of the same test images are printed beside (the floor a
 learned embedder must clear). Runs are long (minutes each on 2 cores), so every finished run is
-appended to `results/real_data_cars196.jsonl` and skipped when the same run (label, seed, config)
-is asked for again: a run cut short by the end of a session loses only the run in progress.
+kept in `results/real_data_cars196.jsonl` (`_common.RunStore`) and not trained again: a ladder
+cut short by the end of a session loses only the run in progress.
 
     python benchmarks/real_data.py [--seeds 2] [--methods triplet_random,htg] [--rungs 3] [--set ...]
 """
 
-import hashlib
-import json
 import os
-import time
 
 import _common
-import numpy as np
 from baselines import METRICS, budget, comparison_parser
 
 from fgkeras import configs, experiments
 from fgkeras.evaluation import format_table, handcrafted_metrics
 
-STORE = os.path.join(_common.RESULTS_DIR, "real_data_cars196.jsonl")
 BASE = ["data.augment=false", "train.validation_classes=0", "model.width=0.5"]
 
 
@@ -47,41 +42,6 @@ def ladder(weight_decay):
         cumulative = cumulative + overrides
         result.append((label, list(cumulative)))
     return result
-
-
-def run_key(config):
-    """What a stored run must match to be reused: the whole configuration."""
-    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
-
-
-def stored_runs():
-    if not os.path.exists(STORE):
-        return {}
-    with open(STORE) as f:
-        return {run["key"]: run for run in map(json.loads, filter(str.strip, f))}
-
-
-def train_once(config, train_set, test_set, label):
-    start = time.perf_counter()
-    model, history = experiments.train(config, train_set=train_set, verbose=0)
-    seconds = time.perf_counter() - start
-    metrics = experiments.evaluate(model.embedder, test_set, config)
-    epochs = len(history.history.get("loss", [])) if history is not None else config.train.epochs
-    return {"key": run_key(config), "label": label, "method": config.train.method, "seed": config.train.seed,
-            "train_seconds": round(seconds), "epochs_run": epochs,
-            **{key: float(metrics[key]) for key in METRICS}}
-
-
-def summary_rows(runs_by_label):
-    rows = []
-    for label, runs in runs_by_label.items():
-        row = {"method": label, "seeds": len(runs)}
-        for key in METRICS:
-            values = np.array([run[key] for run in runs]) * 100
-            row[key] = f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-        row["train_seconds"] = f"{np.mean([run['train_seconds'] for run in runs]):.0f}"
-        rows.append(row)
-    return rows
 
 
 def main():
@@ -105,7 +65,7 @@ def main():
                   for name, metrics in floor.items()]
     print(format_table(floor_rows, keys=["method", *METRICS]), flush=True)
 
-    stored = stored_runs()
+    store = _common.RunStore("real_data_cars196", enabled=not args.smoke)
     sections = [("Hand-made features, the same test images", format_table(floor_rows, keys=["method", *METRICS]))]
     for method in args.methods.split(","):
         runs_by_label = {}
@@ -113,16 +73,11 @@ def main():
             for seed in range(args.seeds):
                 config = configs.override(configs.ExperimentConfig.from_dict(base.to_dict()),
                                           [*overrides, f"train.method={method}", f"train.seed={seed}"])
-                run = stored.get(run_key(config))
-                if run is None:
-                    run = train_once(config, train_set, test_set, label)
-                    if not args.smoke:
-                        with open(STORE, "a") as f:
-                            f.write(json.dumps(run) + "\n")
+                run = _common.train_and_measure(config, train_set, test_set, METRICS, store)
                 print(f"{method} seed {seed} {label}: " + ", ".join(f"{k} {run[k]:.3f}" for k in METRICS)
                       + f", {run['epochs_run']} epochs, {run['train_seconds']} s", flush=True)
                 runs_by_label.setdefault(label, []).append(run)
-        table = format_table(summary_rows(runs_by_label), keys=["method", "seeds", *METRICS, "train_seconds"])
+        table = format_table(_common.mean_std_rows(runs_by_label, METRICS), keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{method}\n{table}", flush=True)
         sections.append((f"{method}: the recipe, one change a rung",
                          table + "\n\nThe last rung's setup: " + budget(config, htg=method == "htg")))
