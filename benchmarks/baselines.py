@@ -91,7 +91,20 @@ def comparison_parser(description):
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--skip-cars", action="store_true")
     parser.add_argument("--only-cars", action="store_true")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="train every N-th run from the I-th only, one thread (see _common.compare_variants)")
     return parser
+
+
+def shard_of(args):
+    """`--shard I/N` as (I, N); with N > 1 TensorFlow gets one thread, for N processes on N cores."""
+    index, count = map(int, args.shard.split("/"))
+    if not 0 <= index < count:
+        raise SystemExit(f"--shard must be I/N with 0 <= I < N. Received: {args.shard}")
+    if count > 1:
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    return index, count
 
 
 def configured_datasets(args):
@@ -107,7 +120,7 @@ def main():
     for slug, name, config in configured_datasets(args):
         variants = {method: [f"train.method={method}"] for method in METHODS}
         store = _common.RunStore(f"baselines_{slug}", enabled=not args.smoke)
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store)
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args))
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
         print("wrote", _common.write_results(f"baselines_{slug}", [(name, table + "\n\n" + budget(config))]))

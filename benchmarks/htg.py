@@ -11,7 +11,7 @@ present), mean ± std over seeds; then the step-time ratios on one batch.
 import _common
 import keras
 import numpy as np
-from baselines import METRICS, budget, comparison_parser, configured_datasets
+from baselines import METRICS, budget, comparison_parser, configured_datasets, shard_of
 
 from fgkeras.evaluation import format_table
 from fgkeras.models import build_baseline, build_embedder, build_htg
@@ -109,7 +109,7 @@ def main():
         variants = {label: variants[label] for label in args.only}
     for slug, name, config in configured_datasets(args):
         store = _common.RunStore(f"{prefix}_{slug}", enabled=not args.smoke)
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store)
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args))
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
         note = htg_note(config) + " " + budget(config, htg=True)
