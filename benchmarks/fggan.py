@@ -42,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, help="default: the config's (64 px)")
     parser.add_argument("--cache-dir", default="runs/cache/fggan_semantic")
     parser.add_argument("--topic", help="results file name (default: fggan_synthetic, or fggan_smoke)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key for every run, e.g. --set fggan.lam=0.1 (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -60,7 +62,7 @@ def make_config(args, seed):
         config.fggan.pretrain_steps = args.pretrain_steps
     config.fggan.cache_dir = args.cache_dir
     config.train.seed = seed
-    return config
+    return configs.override(config, args.set)
 
 
 def embed(embedder, imageset, config):
