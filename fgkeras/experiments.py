@@ -338,10 +338,15 @@ def _train_fggan(config, train_set, verbose, callbacks):
             base_width=settings.width, classifier=classifier, recon_layer=settings.recon_layer, lam=settings.lam,
             semantic_weight=settings.semantic_weight, positive_pair=settings.positive_pair, feature=settings.feature)
         factory = optimizer_factory(budget)
-        game.compile(**{f"{player[0]}_optimizer": factory(budget.learning_rate) for player in game.players})
+        rates = {player: budget.learning_rate for player in game.players}
+        if settings.semantic_learning_rate and "semantic" in rates:
+            rates["semantic"] = settings.semantic_learning_rate
+        game.compile(**{f"{player[0]}_optimizer": factory(rate) for player, rate in rates.items()})
         pairs = fg_data.canonical_pairs(
             train_set, batch_size=budget.classes_per_batch * budget.images_per_class,
             canonical_view=settings.canonical_view, image_size=config.data.image_size, seed=budget.seed)
+        models.fggan.pretrain_generator(game.generator, pairs, settings.generator_warmup_steps,
+                                        optimizer=factory(budget.learning_rate), verbose=verbose)
         history = game.fit(pairs, epochs=budget.epochs, steps_per_epoch=budget.steps_per_epoch, verbose=verbose,
                            callbacks=callbacks, shuffle=False)  # the pair stream is already shuffled
     return game, history

@@ -183,7 +183,10 @@ class FGGANConfig:
     `train.learning_rate` for each player (the fggan config: Adam, 2e-4, β1 0.5). `width` is the
     base width of G, D and N; `recon_layer`, `lam` (λ), `semantic_weight` (the 0.001),
     `positive_pair` and `feature` (the retrieval feature of `model.embedder`) are those of
-    `fgkeras.models.ViewNormalizingGAN`. For the canonical-view study on synthetic data, set
+    `fgkeras.models.ViewNormalizingGAN`. Not in the paper, for the studies of G's collapse:
+    `generator_warmup_steps` > 0 first trains G to reproduce its input
+    (`fgkeras.models.fggan.pretrain_generator`), and `semantic_learning_rate` > 0 gives S its own
+    rate in the game (0: `train.learning_rate`, as every player). For the canonical-view study on synthetic data, set
     `data.stock_view` and `fggan.canonical_view` to the same azimuth.
     """
 
@@ -196,6 +199,8 @@ class FGGANConfig:
     width: int = 32
     pretrain_steps: int = 500
     pretrain_learning_rate: float = 1e-3
+    generator_warmup_steps: int = 0
+    semantic_learning_rate: float = 0.0
     cache_dir: str = "runs/cache/fggan_semantic"
 
 

@@ -634,6 +634,32 @@ def build_fggan(semantic, num_classes, image_size, variant="GDNS", base_width=32
     )
 
 
+def pretrain_generator(generator, dataset, steps, optimizer=None, verbose="auto"):
+    """G's warm-up before the game: `steps` steps of reproducing its input (pixel MSE in [-1, 1]).
+
+    Not in the paper, whose G starts from random weights. At retrieval every image passes
+    through G, so a G that starts the game as a blurred constant (what the first hundreds of
+    adversarial steps give here, benchmarks/results/fggan_synthetic.md) starts S ∘ G far below S;
+    a G that starts as the identity starts S ∘ G at S, and the game then turns its views. (The
+    paper's CAE, reconstructing x_c, would start it at the class's mean canonical photo.)
+
+    Args:
+        generator: G, trained in place.
+        dataset: batches of dicts with `image` (x_r, 0–255), e.g. `fgkeras.data.canonical_pairs`.
+        steps: the number of steps (0: G stays as it is).
+        optimizer: an optimizer; the paper's Adam(2e-4, β1 = 0.5) by default.
+    Returns: the Keras `History` of the warm-up, or None for 0 steps.
+    """
+    if steps <= 0:
+        return None
+    autoencoder = keras.Model(generator.inputs, generator.outputs, name="generator_warmup")
+    autoencoder.compile(optimizer=optimizer or default_optimizer(),
+                        loss=lambda images, output: ops.mean(ops.square(_to_unit(output) - _to_unit(images))))
+    logger.info("FGGAN: G's identity warm-up for %d steps", steps)
+    images = dataset.map(lambda batch: (batch["image"], batch["image"]))
+    return autoencoder.fit(images, epochs=1, steps_per_epoch=steps, verbose=verbose, shuffle=False)
+
+
 def pretrain_semantic(semantic, dataset, num_classes, steps, optimizer=None, verbose="auto"):
     """S's pre-training (the paper starts S from ImageNet): no-bias softmax on real images.
 
@@ -669,6 +695,7 @@ __all__ = [
     "build_normalizer",
     "default_depth",
     "make_pairs",
+    "pretrain_generator",
     "pretrain_semantic",
     "receptive_field",
     "reconstruction_loss",

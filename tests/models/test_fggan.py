@@ -429,3 +429,48 @@ def test_s_pretraining_is_cached_by_config_hash(tmp_path, monkeypatch):
     config.train.seed = 1  # another recipe: another folder, trained anew
     with pytest.raises(AssertionError, match="pre-trained again"):
         experiments.pretrained_semantic(config, train_set, verbose=0)
+
+
+def test_the_identity_warm_up_teaches_g_to_give_back_its_input():
+    keras.utils.set_random_seed(3)
+    generator = build_generator(SIZE, WIDTH)
+    # Smooth pictures (a colour per 8×8 block), which a small autoencoder can learn; noise it cannot.
+    blocks = np.random.default_rng(0).integers(0, 256, (8, 2, 2, 3)).astype("float32")
+    images = np.repeat(np.repeat(blocks, SIZE // 2, axis=1), SIZE // 2, axis=2)
+    pairs = tf.data.Dataset.from_tensors({"image": images, "label": np.zeros(len(images), "int32")}).repeat()
+
+    def error():  # batch statistics: 60 steps leave the moving averages of G's batch norms far behind
+        return float(np.mean(np.square((np.asarray(generator(images, training=True)) - images) / 127.5)))
+
+    before = _values(generator.weights)
+    assert fggan.pretrain_generator(generator, pairs, steps=0) is None
+    for a, b in zip(before, _values(generator.weights)):
+        np.testing.assert_array_equal(a, b)
+    start = error()
+    history = fggan.pretrain_generator(generator, pairs, steps=60, optimizer=keras.optimizers.Adam(1e-2), verbose=0)
+    assert len(history.history["loss"]) == 1
+    assert error() < 0.5 * start
+
+
+def test_the_config_gives_s_its_own_rate_in_the_game_and_warms_g_up(tmp_path, monkeypatch):
+    from fgkeras import configs, experiments
+
+    config = configs.smoke(configs.get_config("fggan"))
+    config.data.num_makes, config.data.images_per_class = 2, 6
+    config.fggan.cache_dir = str(tmp_path)
+    config.fggan.generator_warmup_steps, config.fggan.semantic_learning_rate = 2, 1e-5
+    config.train.epochs, config.train.steps_per_epoch = 1, 1
+    warmups = []
+    original = fggan.pretrain_generator
+
+    def recorded(generator, dataset, steps, **kwargs):
+        warmups.append((generator, steps))
+        return original(generator, dataset, steps, **kwargs)
+
+    monkeypatch.setattr(fggan, "pretrain_generator", recorded)
+    game, _ = experiments.train(config, verbose=0)
+    assert [(generator is game.generator, steps) for generator, steps in warmups] == [(True, 2)]
+    rates = {name: float(optimizer.learning_rate) for name, optimizer in game.optimizers.items()}
+    assert rates.pop("semantic") == pytest.approx(1e-5)
+    assert sorted(rates) == ["discriminator", "generator", "normalizer"]
+    assert all(rate == pytest.approx(config.train.learning_rate) for rate in rates.values())
