@@ -212,6 +212,9 @@ def training_dataset(config, train_set):
 def train(config, train_set=None, verbose="auto", callbacks=None):
     """Trains the configured method; returns `(model, history)`.
 
+    A NaN or infinite loss of any player stops it with a `NonFiniteLossError` that names the
+    player and the step (`fgkeras.models.StopOnNonFiniteLoss`).
+
     `train.validation_classes` of the training classes are held out of the training stream
     (`validation_split`) and the model is selected on them (`selection_callbacks`): the
     history has their `val_recall@K` and `val_map@r`, and with `train.restore_best` the model
@@ -223,13 +226,14 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
         callbacks: more Keras callbacks; they run after the evaluation, so they can monitor
             `val_recall@1`.
     """
+    guard = models.StopOnNonFiniteLoss()  # a diverging player stops the run, naming itself
     if config.train.method == "viewgan":  # G on view pairs of the synthetic vehicles (#14)
         from fgkeras.evaluation.viewgan import train_viewgan
-        return train_viewgan(config, verbose=verbose, callbacks=callbacks)
+        return train_viewgan(config, verbose=verbose, callbacks=[guard, *(callbacks or [])])
     if train_set is None:
         train_set, _ = load_data(config.data)
     train_set, validation_set = validation_split(train_set, config.train.validation_classes, config.train.seed)
-    callbacks = [*selection_callbacks(config, validation_set), *(callbacks or [])]
+    callbacks = [guard, *selection_callbacks(config, validation_set), *(callbacks or [])]
     keras.utils.set_random_seed(config.train.seed)
     if config.train.method == "fggan":
         return _train_fggan(config, train_set, verbose, callbacks)

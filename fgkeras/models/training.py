@@ -1,6 +1,7 @@
 """Pieces shared by every custom `train_step` in fgkeras."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -29,6 +30,42 @@ def unpack_batch(data):
         "A training batch must be a dict with keys 'image' and 'label' or a tuple "
         f"(images, labels). Received: {type(data).__name__}"
     )
+
+
+# Whose loss a logged name is, for the message of a non-finite loss.
+_LOSS_OWNERS = {"f_loss": "the embedder F", "g_loss": "the generator G", "d_loss": "the discriminator D",
+                "n_loss": "the normaliser N", "s_loss": "the semantic embedding S",
+                "recon_loss": "the generator G (its feature reconstruction)", "loss": "the model",
+                "softmax_loss": "the model (its softmax term)", "triplet_loss": "the model (its triplet term)"}
+
+
+class NonFiniteLossError(ValueError):
+    """A player's loss became NaN or infinite during `fit`."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` with a `NonFiniteLossError` at the first step where a logged loss is NaN or ±Inf.
+
+    Every `*loss` entry of the step's logs is checked (each player's, in a game), so that a
+    diverging player cannot leave a silent NaN model behind; the error names the player, the
+    epoch and the step. Keras's own `TerminateOnNaN` checks `loss` alone and stops quietly.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for name, value in (logs or {}).items():
+            if not name.endswith("loss"):
+                continue
+            value = float(ops.convert_to_numpy(value))
+            if not np.isfinite(value):
+                owner = _LOSS_OWNERS.get(name, f"'{name}'")
+                self.model.stop_training = True
+                raise NonFiniteLossError(
+                    f"Training stopped: the loss of {owner} ({name}) is {value} at epoch {getattr(self, 'epoch', 0) + 1}, "
+                    f"step {batch + 1}. Lower the learning rate, or check the data for broken images; "
+                    "the weights are those of that step, not a model to use.")
 
 
 @keras.saving.register_keras_serializable(package="fgkeras")

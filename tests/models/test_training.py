@@ -2,7 +2,14 @@ import keras
 import numpy as np
 import pytest
 
-from fgkeras.models import MultiRateAdam, ShiftedSchedule, make_optimizer, rate_multipliers_for
+from fgkeras.models import (
+    MultiRateAdam,
+    NonFiniteLossError,
+    ShiftedSchedule,
+    StopOnNonFiniteLoss,
+    make_optimizer,
+    rate_multipliers_for,
+)
 
 
 def _cosine():
@@ -122,3 +129,45 @@ def test_a_model_compiled_with_rate_multipliers_round_trips_through_a_keras_file
     restored = keras.saving.load_model(tmp_path / "model.keras")
     assert type(restored.optimizer).__name__ == "MultiRateSGD" and restored.optimizer.momentum == 0.5
     assert restored.optimizer.rate_multipliers == {v.path: 0.1 for v in body}
+
+
+class _Game(keras.Model):
+    """Two players whose losses are scripted: D's becomes NaN at step `bad_step` (0-based, epoch 2)."""
+
+    def __init__(self, bad_step):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+        self.bad_step = bad_step
+        self.steps = keras.Variable(0, dtype="int32", trainable=False)
+
+    def train_step(self, data):
+        self.steps.assign_add(1)
+        bad = self.steps == self.bad_step + 1
+        return {"g_loss": 1.0, "d_loss": keras.ops.where(bad, float("nan"), 2.0), "accuracy": float("nan")}
+
+
+def test_a_non_finite_loss_stops_fit_naming_the_player_and_the_step():
+    game = _Game(bad_step=4)  # epoch 2 (of 3 steps each), its second step
+    game.compile()
+    data = np.zeros((3, 2), "float32")
+    with pytest.raises(NonFiniteLossError, match=r"the discriminator D \(d_loss\) is nan at epoch 2, step 2"):
+        game.fit(data, data, batch_size=1, epochs=3, verbose=0, callbacks=[StopOnNonFiniteLoss()])
+    assert int(game.steps.numpy()) == 5  # stopped at once: no step after the bad one
+
+
+def test_finite_losses_train_to_the_end_whatever_else_is_logged():
+    game = _Game(bad_step=10**6)  # never; "accuracy" is NaN but no loss
+    game.compile()
+    data = np.zeros((3, 2), "float32")
+    game.fit(data, data, batch_size=1, epochs=2, verbose=0, callbacks=[StopOnNonFiniteLoss()])
+    assert int(game.steps.numpy()) == 6
+
+
+def test_experiments_train_stops_a_diverging_run_with_the_players_name():
+    from fgkeras import configs, experiments
+
+    config = configs.smoke(configs.get_config("baseline"))
+    config.train.learning_rate = float("inf")  # the first step makes every weight NaN
+    config.train.validation_classes = 0
+    with pytest.raises(NonFiniteLossError, match=r"the model \(loss\) is nan at epoch 1, step 2"):
+        experiments.train(config, verbose=0)
