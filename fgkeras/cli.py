@@ -128,7 +128,8 @@ def cmd_evaluate(args):
         os.makedirs(args.out, exist_ok=True)
         saved = experiments.save_embedder(embedder, args.out)
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"config": config.to_dict(), "method": os.path.basename(args.model), "metrics": metrics,
+            json.dump({"config": config.to_dict(), "method": os.path.splitext(os.path.basename(args.model))[0],
+                       "metrics": metrics,
                        "model": os.path.abspath(args.model), "embedder": saved}, f, indent=2)
         _print_report(args.out)
 

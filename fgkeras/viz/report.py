@@ -20,6 +20,7 @@ import html
 import json
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -394,9 +395,8 @@ def _keypoint_pictures(ctx):
         if not hasattr(embedder, "keypoint_maps"):
             continue
         test_set = ctx.data[1]
-        rows = np.unique(test_set.labels, return_index=True)[1][:4]  # one image of each of 4 classes
-        file = f"keypoints_{method}.png"
-        keypoint_overlays(embedder, ctx.images(test_set, rows), ctx.path(file), cell_size=96)
+        file = f"keypoints_{_file_name(method)}.png"
+        keypoint_overlays(embedder, ctx.images(test_set, _one_per_class(test_set, 4)), ctx.path(file), cell_size=96)
         pictures.append(Picture(
             file, f"Keypoint maps of {method} on 4 test images: the image, the maximum over channels, "
                   "then the 4 strongest channel maps",
@@ -404,6 +404,21 @@ def _keypoint_pictures(ctx):
             "response over channels; the next ones are single channels. Look for maps that sit on "
             "parts (wheels, lights, roof) rather than on the background, and that differ from each other."))
     return pictures
+
+
+def _one_per_class(imageset, count):
+    """The first user photo (any photo without stock flags) of each of the first `count` classes."""
+    user = np.ones(len(imageset), bool) if imageset.is_stock is None else ~imageset.is_stock
+    if not user.any():
+        user[:] = True
+    rows = np.flatnonzero(user)
+    _, first = np.unique(imageset.labels[rows], return_index=True)
+    return rows[first[:count]]
+
+
+def _file_name(name):
+    """`name` (a method, a model file's name) made safe as part of a file name."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(name))
 
 
 def _canonical_pictures(ctx):
@@ -424,7 +439,7 @@ def _canonical_pictures(ctx):
             continue
         inputs = _resize_all(inputs, ctx.config.data.image_size)
         canonical = _resize_all(canonical, ctx.config.data.image_size)
-        file = f"canonical_{method}.png"
+        file = f"canonical_{_file_name(method)}.png"
         canonical_grid(generator, inputs, canonical, ctx.path(file))
         pictures.append(Picture(
             file, f"{method}: user photos of {len(classes)} test classes in {len(views)} views, "

@@ -23,16 +23,12 @@ def exported_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def unexported_run(exported_run, tmp_path_factory):
-    """The same run without its export: results.json without "export", the embedders alone."""
+def evaluated_run(exported_run, tmp_path_factory):
+    """`fgkeras evaluate --out` of the demo's HTG embedder: a run directory without an export."""
     source, _ = exported_run
-    run_dir = str(tmp_path_factory.mktemp("plain") / "run")
-    shutil.copytree(os.path.join(source, "embedders"), os.path.join(run_dir, "embedders"))
-    with open(os.path.join(source, "results.json")) as f:
-        results = json.load(f)
-    results.pop("export"), results.pop("served", None)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f)
+    run_dir = str(tmp_path_factory.mktemp("evaluated") / "run")
+    assert cli.main(["evaluate", "--config", "demo", "--smoke", "--set", "model.kpm=true", "--model",
+                     os.path.join(source, "embedders", "htg.keras"), "--out", run_dir]) == 0
     return run_dir
 
 
@@ -151,13 +147,42 @@ def test_gallery_marks_agree_with_the_test_labels(exported_run):
     assert checked >= 2 * 3 * 3
 
 
-def test_report_of_a_run_without_export_has_no_export_section(unexported_run, capsys):
-    assert cli.main(["report", unexported_run]) == 0
-    path = os.path.join(unexported_run, "report", "index.html")
+def test_evaluate_out_saves_a_run_whose_report_has_no_export_section(evaluated_run, capsys):
+    with open(os.path.join(evaluated_run, "results.json")) as f:
+        results = json.load(f)
+    assert results["method"] == "htg" and os.path.isfile(os.path.join(evaluated_run, results["embedder"]))
+    assert cli.main(["report", evaluated_run]) == 0  # `fgkeras report RUN_DIR` rebuilds it
+    path = os.path.join(evaluated_run, "report", "index.html")
     assert path in capsys.readouterr().out
     page = _assert_self_contained(path)
     assert "export" not in page.sections and "tflite" not in page.sections
-    assert "metrics" in page.sections and "galleries" in page.sections
+    assert {"metrics", "galleries", "method"} <= set(page.sections)
+    assert page.cells["htg"]["recall@1"] == f"{100 * results['metrics']['recall@1']:.1f}"
+
+
+def test_report_of_an_fggan_run_shows_gs_canonical_views(tmp_path):
+    from fgkeras.models import fggan
+
+    config = configs.smoke(configs.get_config("fggan_demo"))
+    embedder = fggan.CanonicalEmbedder(fggan.build_generator(config.data.image_size, base_width=4),
+                                       experiments.build_embedder(config))
+    embedder(np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32))
+    run_dir = str(tmp_path / "fggan")
+    saved = experiments.save_embedder(embedder, run_dir)  # untrained: the report draws, whatever G makes
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"config": config.to_dict(), "method": "fggan", "metrics": {"recall@1": 0.5}, "embedder": saved}, f)
+    page = _assert_self_contained(write_report(run_dir, verbose=False))
+    assert "canonical_fggan.png" in {image["src"] for image in page.images}
+    assert not any(image["src"].startswith("keypoints_") for image in page.images)
+
+
+def test_report_of_a_viewgan_run_shows_its_view_grid_alone(tmp_path):
+    run_dir = tmp_path / "viewgan"
+    run_dir.mkdir()
+    Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(run_dir / "view_grid.png")
+    (run_dir / "results.json").write_text(json.dumps({"identity": {}, "grid": str(run_dir / "view_grid.png")}))
+    page = _assert_self_contained(write_report(str(run_dir)))
+    assert page.sections == ["method"] and [image["src"] for image in page.images] == ["view_grid.png"]
 
 
 def test_a_directory_without_results_json_is_refused_with_how_to_make_one(tmp_path):
