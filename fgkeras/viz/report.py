@@ -92,6 +92,7 @@ class RunContext:
         self.run_dir, self.results, self.out_dir = run_dir, results, out_dir
         self.k, self.per_group, self.verbose = k, per_group, verbose
         self.galleries = {}  # what each gallery shows, for galleries.json
+        self._models = {}
 
     @functools.cached_property
     def config(self):
@@ -110,7 +111,25 @@ class RunContext:
     def embedder(self):
         """The run's embedder (reloaded from its `.keras` file), or None when the run saved none."""
         path = locate(self.run_dir, self.results.get("embedder", DEFAULT_EMBEDDER))
-        return None if path is None else load_keras(path)
+        return None if path is None else self._load(path)
+
+    @functools.cached_property
+    def embedders(self):
+        """`{method: model}` of every embedder the run saved (`results["embedders"]`, else its one)."""
+        if self.data is None:
+            return {}
+        saved = self.results.get("embedders")
+        if not saved:
+            return {} if self.embedder is None else {metric_rows(self.results)[0]["method"]: self.embedder}
+        found = {method: locate(self.run_dir, path) for method, path in saved.items()}
+        return {method: self._load(path) for method, path in found.items() if path}
+
+    def _load(self, path):
+        """`load_keras(path)`, once per file."""
+        key = os.path.realpath(path)
+        if key not in self._models:
+            self._models[key] = load_keras(path)
+        return self._models[key]
 
     @functools.cached_property
     def test(self):
@@ -151,10 +170,9 @@ def locate(run_dir, path):
 
 
 def load_keras(path):
-    """A `.keras` model saved by fgkeras (`import fgkeras` registers its classes)."""
+    """A `.keras` model saved by fgkeras: its classes are registered, since importing this module
+    imported `fgkeras` first."""
     import keras
-
-    import fgkeras  # noqa: F401  (registers the custom layers and models)
 
     return keras.saving.load_model(path, compile=False)
 
@@ -376,22 +394,11 @@ def method_pictures_section(ctx):
     return section if section.pictures else None
 
 
-def _embedders(ctx):
-    """`{method: model}` of every embedder the run saved (`results["embedders"]`, else the one)."""
-    if ctx.data is None:
-        return {}
-    saved = ctx.results.get("embedders")
-    if not saved:
-        return {} if ctx.embedder is None else {metric_rows(ctx.results)[0]["method"]: ctx.embedder}
-    found = {method: locate(ctx.run_dir, path) for method, path in saved.items()}
-    return {method: load_keras(path) for method, path in found.items() if path}
-
-
 def _keypoint_pictures(ctx):
     from fgkeras.viz import keypoint_overlays
 
     pictures = []
-    for method, embedder in _embedders(ctx).items():
+    for method, embedder in ctx.embedders.items():
         if not hasattr(embedder, "keypoint_maps"):
             continue
         test_set = ctx.data[1]
@@ -425,7 +432,7 @@ def _canonical_pictures(ctx):
     from fgkeras.viz import canonical_grid, class_views
 
     pictures = []
-    for method, embedder in _embedders(ctx).items():
+    for method, embedder in ctx.embedders.items():
         generator = getattr(embedder, "generator", None)
         test_set = ctx.data[1]
         if generator is None or test_set.views is None or test_set.is_stock is None:
@@ -611,9 +618,7 @@ def tflite_section(ctx):
 def _parity_cell(key, value):
     if value is None:
         return ""
-    if key in ("recall@1", "nn_agreement"):
-        return f"{100 * value:.1f}"
-    if key == "recall@1_drop":
+    if key in ("recall@1", "nn_agreement", "recall@1_drop"):  # shares and their drop: percent, points
         return f"{100 * value:.1f}"
     return f"{value:.2e}"
 

@@ -1,7 +1,6 @@
 import html.parser
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
