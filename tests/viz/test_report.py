@@ -184,9 +184,12 @@ def test_report_of_a_viewgan_run_shows_its_view_grid_alone(tmp_path):
     assert page.sections == ["method"] and [image["src"] for image in page.images] == ["view_grid.png"]
 
 
-def test_a_directory_without_results_json_is_refused_with_how_to_make_one(tmp_path):
+def test_a_directory_without_results_json_is_refused_with_how_to_make_one(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"no results\.json.*fgkeras demo --out"):
         write_report(str(tmp_path))
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "fgkeras report: error:" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "report")
 
 
 def _chromium_driver():
