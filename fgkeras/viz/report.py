@@ -495,6 +495,20 @@ def _view_grid_pictures(ctx):
         "while the view changes.")]
 
 
+def tables_section(ctx):
+    """The Markdown tables a run wrote beside its results that the report does not redraw
+    (ViewGAN's identity-preservation and few-shot tables, `few_shot.md`), shown as text."""
+    path = os.path.join(ctx.run_dir, "few_shot.md")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    section = Section("Identity preservation and few-shot classification", "few-shot")
+    section.blocks.append("<p>As the run printed them (figures in percent unless named).</p>")
+    section.blocks.append(f"<pre>{html.escape(text)}</pre>")
+    return section
+
+
 def projection_section(ctx):
     """The first two principal components of the test embeddings, coloured by class."""
     if not ctx.can_embed:
@@ -629,8 +643,8 @@ def _facts_table(facts, table_id):
     return f'<table id="{table_id}"><tbody>{lines}</tbody></table>'
 
 
-SECTIONS = (metrics_section, gallery_section, stock_section, open_set_section, method_pictures_section,
-            projection_section, inventory_section, export_section, tflite_section)
+SECTIONS = (metrics_section, tables_section, gallery_section, stock_section, open_set_section,
+            method_pictures_section, projection_section, inventory_section, export_section, tflite_section)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,8 +180,11 @@ def test_report_of_a_viewgan_run_shows_its_view_grid_alone(tmp_path):
     run_dir.mkdir()
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(run_dir / "view_grid.png")
     (run_dir / "results.json").write_text(json.dumps({"identity": {}, "grid": str(run_dir / "view_grid.png")}))
-    page = _assert_self_contained(write_report(str(run_dir)))
-    assert page.sections == ["method"] and [image["src"] for image in page.images] == ["view_grid.png"]
+    (run_dir / "few_shot.md").write_text("| setting | with augmentation % |\n| 8-way 5-shot | 12.8 <b> |\n")
+    path = write_report(str(run_dir))
+    page = _assert_self_contained(path)
+    assert page.sections == ["few-shot", "method"] and [image["src"] for image in page.images] == ["view_grid.png"]
+    assert "12.8 &lt;b&gt;" in open(path, encoding="utf-8").read()  # shown as text, escaped
 
 
 def test_a_directory_without_results_json_is_refused_with_how_to_make_one(tmp_path, capsys):
