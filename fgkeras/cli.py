@@ -46,11 +46,19 @@ def cmd_train(args):
     metrics = experiments.evaluate(model.embedder, test_set, config)
     os.makedirs(args.out, exist_ok=True)
     model.save(os.path.join(args.out, "model.keras"))
-    model.embedder.save(os.path.join(args.out, "embedder.keras"))
+    embedder = experiments.save_embedder(model.embedder, args.out)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"config": config.to_dict(), "metrics": metrics}, f, indent=2)
+        json.dump({"config": config.to_dict(), "method": config.train.method, "metrics": metrics,
+                   "embedder": embedder}, f, indent=2)
     print(evaluation.format_table([{"method": config.train.method, **metrics}]))
     print(f"Saved the model and the embedder in {args.out}")
+    _print_report(args.out)
+
+
+def _print_report(run_dir):
+    from fgkeras import viz
+
+    print(f"Report written to {viz.write_report(run_dir)}")
 
 
 def _train_viewgan(args):
@@ -116,6 +124,14 @@ def cmd_evaluate(args):
     _, test_set = experiments.load_data(config.data)
     metrics = experiments.evaluate(embedder, test_set, config)
     print(evaluation.format_table([{"model": os.path.basename(args.model), **metrics}]))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        saved = experiments.save_embedder(embedder, args.out)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"config": config.to_dict(), "method": os.path.splitext(os.path.basename(args.model))[0],
+                       "metrics": metrics,
+                       "model": os.path.abspath(args.model), "embedder": saved}, f, indent=2)
+        _print_report(args.out)
 
 
 def _demo_viewgan(args):
@@ -129,6 +145,7 @@ def _demo_viewgan(args):
     results = viewgan.run_viewgan_demo(config, args.out)
     print(results["table"])
     print(f"View grid written to {results['grid']}")
+    _print_report(args.out)
 
 
 # The retrieval demos by `--method`: (config used for the default "demo", what it trains side by
@@ -166,6 +183,7 @@ def cmd_demo(args):
         print(f"after Upsert('new-arrival'): {served['top_scores_after_upsert'][0]:.3f}  "
               f"{served['top_ids_after_upsert'][0]}")
     print(f"Results written to {os.path.join(args.out, 'results.json')}")
+    _print_report(args.out)
 
 
 def _print_export(artefacts):
@@ -246,6 +264,12 @@ def cmd_search(args):
             print(f"  {score:.3f}  {item}")
 
 
+def cmd_report(args):
+    from fgkeras import viz
+
+    print(f"Report written to {viz.write_report(args.run_dir, k=args.k)}")
+
+
 def _load_model(path):
     import keras
 
@@ -289,7 +313,14 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on unseen classes")
     _add_config_arguments(evaluate, "baseline")
     evaluate.add_argument("--model", required=True, help="a .keras file saved by `fgkeras train`")
+    evaluate.add_argument("--out", help="also save the results, the embedder and an HTML report in this run directory")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report/index.html: figures, galleries and "
+                                                "pictures of a run of demo, train or evaluate --out")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory with the results.json of a run")
+    report.add_argument("--k", type=int, default=5, help="results shown per query in the galleries (default: 5)")
+    report.set_defaults(func=cmd_report)
 
     export = commands.add_parser("export", help="export a trained model: SavedModel (TF Serving layout), "
                                                 "gallery index and TFLite, through the blessing gate")

@@ -390,22 +390,25 @@ def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard", "
              verbose="auto", export_method=None):
     """The demo: trains the baselines and HTG side by side, prints and saves a table, exports.
 
-    Writes `results.json` (config, rows) and `results.md` (the table) in `out_dir`, and with
-    `export` the artefacts of the best method by Recall@1, or of `export_method` when given
-    (see `export_artifacts`).
+    Writes `results.json` (config, rows) and `results.md` (the table) in `out_dir`, each method's
+    embedder as `embedders/<method>.keras` (what `fgkeras report` draws from; `results.json` names
+    them under "embedders", and the best's under "embedder"), and with `export` the artefacts of
+    the best method by Recall@1, or of `export_method` when given (see `export_artifacts`).
     Returns `(results, table)`.
     """
     os.makedirs(out_dir, exist_ok=True)
     train_set, test_set = load_data(config.data)
-    rows, best = [], None
+    rows, best, embedders = [], None, {}
     for method in methods:
         row, model = train_and_evaluate(config, method, train_set, test_set, verbose)
         rows.append(row)
+        embedders[method] = save_embedder(model.embedder, out_dir, os.path.join("embedders", f"{method}.keras"))
         better = best is None or row["recall@1"] > best[0]["recall@1"]
         if method == export_method or (export_method is None and better):
             best = (row, model)
     table = evaluation.format_table(rows, keys=["method", *DEMO_METRICS, "train_seconds"])
-    results = {"config": config.to_dict(), "rows": rows}
+    results = {"config": config.to_dict(), "rows": rows, "embedders": embedders,
+               "embedder": embedders[best[0]["method"]]}
     if export:
         artefacts = export_artifacts(best[1].embedder, test_set, config, out_dir, name="vehicles")
         results["export"] = {"method": best[0]["method"], "pushed": artefacts["push"].pushed,
@@ -422,6 +425,15 @@ def run_demo(config, out_dir, methods=("triplet_random", "triplet_batch_hard", "
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     return results, table
+
+
+def save_embedder(embedder, out_dir, relative_path="embedder.keras"):
+    """Saves `embedder` as `out_dir/relative_path` (a `.keras` file that loads after `import fgkeras`);
+    returns `relative_path`, which is what a run's `results.json` records."""
+    path = os.path.join(out_dir, relative_path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    embedder.save(path)
+    return relative_path
 
 
 def gallery_ids(imageset):

@@ -68,6 +68,8 @@ def test_demo_smoke_writes_results(tmp_path, capsys):
     assert len(served["top_ids"]) == 5 and "new-arrival" not in served["top_ids"]
     assert served["top_ids_after_upsert"][0] == "new-arrival"
     assert served["top_scores_after_upsert"][0] > 0.99
+    report = os.path.join(str(out), "report", "index.html")  # the demo ends with its report
+    assert os.path.isfile(report) and printed.rstrip().endswith(report)
 
 
 def test_export_refuses_a_worse_model_through_the_gate(tmp_path, capsys):
