@@ -146,7 +146,14 @@ def mean_std_rows(runs_by_label, metrics):
     return rows
 
 
-def compare_variants(base_config, variants, seeds, metrics, store=None, shard=(0, 1)):
+def results_topic(topic, rows, variants, seeds):
+    """`topic` when every variant has a row over every seed, else `<topic>_progress`: a comparison
+    still under way (sharded, or cut short) never overwrites the last complete table."""
+    complete = len(rows) == len(variants) and all(row["seeds"] == len(seeds) for row in rows)
+    return topic if complete else f"{topic}_progress"
+
+
+def compare_variants(base_config, variants, seeds, metrics, store=None, shard=(0, 1), train_missing=True):
     """Trains every variant on the same data and budget; rows of mean ± std over seeds.
 
     Args:
@@ -159,6 +166,7 @@ def compare_variants(base_config, variants, seeds, metrics, store=None, shard=(0
             the others from `store` where they are; n processes of one thread each share 2 cores
             1.26× better than one of two (measured: 53 and 84 images/s). The rows count only the
             runs present.
+        train_missing: False trains nothing: the rows of the runs in `store` (a progress table).
     """
     from fgkeras import configs, experiments
 
@@ -172,7 +180,7 @@ def compare_variants(base_config, variants, seeds, metrics, store=None, shard=(0
         train_set, test_set = experiments.load_data(config.data)
         for label, overrides in variants.items():
             variant = configs.override(configs.ExperimentConfig.from_dict(config.to_dict()), overrides)
-            mine, order = order % count == index, order + 1
+            mine, order = train_missing and order % count == index, order + 1
             run = train_and_measure(variant, train_set, test_set, metrics, store) if mine else store.get(variant)
             if run is None:
                 continue

@@ -91,6 +91,8 @@ def comparison_parser(description):
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--skip-cars", action="store_true")
     parser.add_argument("--only-cars", action="store_true")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="train nothing: the table of the runs already in results/<topic>.jsonl")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="train every N-th run from the I-th only, one thread (see _common.compare_variants)")
     return parser
@@ -120,10 +122,12 @@ def main():
     for slug, name, config in configured_datasets(args):
         variants = {method: [f"train.method={method}"] for method in METHODS}
         store = _common.RunStore(f"baselines_{slug}", enabled=not args.smoke)
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args))
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args),
+                                        train_missing=not args.stored_only)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
-        print("wrote", _common.write_results(f"baselines_{slug}", [(name, table + "\n\n" + budget(config))]))
+        topic = _common.results_topic(f"baselines_{slug}", rows, variants, range(args.seeds))
+        print("wrote", _common.write_results(topic, [(name, table + "\n\n" + budget(config))]))
 
 
 if __name__ == "__main__":

@@ -109,11 +109,13 @@ def main():
         variants = {label: variants[label] for label in args.only}
     for slug, name, config in configured_datasets(args):
         store = _common.RunStore(f"{prefix}_{slug}", enabled=not args.smoke)
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args))
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args),
+                                        train_missing=not args.stored_only)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)
         note = htg_note(config) + " " + budget(config, htg=True)
-        print("wrote", _common.write_results(f"{prefix}_{slug}", [(name, table + "\n\n" + note)]))
+        topic = _common.results_topic(f"{prefix}_{slug}", rows, variants, range(args.seeds))
+        print("wrote", _common.write_results(topic, [(name, table + "\n\n" + note)]))
     if not args.skip_step_time:
         ratios = step_ratios()
         print(ratios)
