@@ -21,6 +21,8 @@ def _config(args):
     if args.smoke:
         configs.smoke(config)
     configs.override(config, args.set)
+    if getattr(args, "out", None) and not config.train.log_dir:  # TensorBoard logs beside the run
+        config.train.log_dir = os.path.join(args.out, "tensorboard")
     return config
 
 

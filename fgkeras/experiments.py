@@ -143,6 +143,24 @@ def selection_callbacks(config, validation_set):
     return callbacks
 
 
+def tensorboard_log_dir(config):
+    """Where `train.tensorboard` writes: `train.log_dir`, or `runs/tensorboard/<config name>`."""
+    return config.train.log_dir or os.path.join("runs", "tensorboard", config.name)
+
+
+def tensorboard_callbacks(config):
+    """`[ContinuousTensorBoard]` when `train.tensorboard` is on, else [].
+
+    It goes after the model-selection callbacks (they write `val_recall@1` … into the epoch's
+    logs first) and counts epochs across the `fit` calls of a multi-phase recipe (HTG).
+    """
+    if not config.train.tensorboard:
+        return []
+    log_dir = tensorboard_log_dir(config)
+    logger.info("TensorBoard logs in %s", log_dir)
+    return [models.ContinuousTensorBoard(log_dir=log_dir, write_graph=False)]
+
+
 def cosine_schedule(train_config, initial_rate=None):
     """Every method's schedule: cosine decay over the whole budget, from `learning_rate`."""
     total_steps = train_config.epochs * train_config.steps_per_epoch
@@ -223,17 +241,19 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
     Args:
         config: an `ExperimentConfig`.
         train_set: the training ImageSet; loaded from `config.data` when None.
-        callbacks: more Keras callbacks; they run after the evaluation, so they can monitor
-            `val_recall@1`.
+        callbacks: more Keras callbacks; they run after the evaluation (and after TensorBoard,
+            with `train.tensorboard`), so they can monitor `val_recall@1`.
     """
     guard = models.StopOnNonFiniteLoss()  # a diverging player stops the run, naming itself
     if config.train.method == "viewgan":  # G on view pairs of the synthetic vehicles (#14)
         from fgkeras.evaluation.viewgan import train_viewgan
-        return train_viewgan(config, verbose=verbose, callbacks=[guard, *(callbacks or [])])
+        return train_viewgan(config, verbose=verbose,
+                             callbacks=[guard, *tensorboard_callbacks(config), *(callbacks or [])])
     if train_set is None:
         train_set, _ = load_data(config.data)
     train_set, validation_set = validation_split(train_set, config.train.validation_classes, config.train.seed)
-    callbacks = [guard, *selection_callbacks(config, validation_set), *(callbacks or [])]
+    callbacks = [guard, *selection_callbacks(config, validation_set), *tensorboard_callbacks(config),
+                 *(callbacks or [])]
     keras.utils.set_random_seed(config.train.seed)
     if config.train.method == "fggan":
         return _train_fggan(config, train_set, verbose, callbacks)
@@ -367,10 +387,12 @@ def train_and_evaluate(config, method, train_set, test_set, verbose="auto"):
     """Trains `method` with `config`'s data, backbone and budget; returns `(row, model)`.
 
     The row is `{"method": method, "train_seconds": ..., **retrieval_metrics}` on the
-    test classes.
+    test classes. With `train.tensorboard` each method logs in its own `<log_dir>/<method>`.
     """
     method_config = ExperimentConfig.from_dict(config.to_dict())
     method_config.train.method = method
+    if method_config.train.tensorboard:  # one TensorBoard run per method of the comparison
+        method_config.train.log_dir = os.path.join(tensorboard_log_dir(config), method)
     logger.info("training %s", method)
     start = time.perf_counter()
     model, _ = train(method_config, train_set=train_set, verbose=verbose)

@@ -187,3 +187,14 @@ def test_command_line_stderr_has_no_tensorflow_noise(tmp_path):
     assert b"cuInit" not in result.stderr
     severities = [_native_logs.severity(line) for line in result.stderr.splitlines()]
     assert all(severity is None or severity >= 2 for severity in severities)
+
+
+def test_tensorboard_logs_default_to_the_run_directory_unless_log_dir_is_set():
+    import argparse
+
+    def config(*assignments):
+        return cli._config(argparse.Namespace(config="baseline", method=None, smoke=True, set=list(assignments),
+                                              out="runs/mine"))
+
+    assert config("train.tensorboard=true").train.log_dir == os.path.join("runs/mine", "tensorboard")
+    assert config("train.log_dir=elsewhere").train.log_dir == "elsewhere"

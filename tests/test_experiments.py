@@ -175,3 +175,37 @@ def test_a_local_preset_with_frozen_batch_norm_and_a_slower_backbone(tmp_path):
     backbone_paths = {v.path for v in model.embedder.backbone.trainable_variables}
     assert set(model.optimizer.rate_multipliers) == backbone_paths
     assert set(model.optimizer.rate_multipliers.values()) == {0.1}
+
+
+def _event_steps(log_dir):
+    """`{(sub-folder, tag): [steps]}` of every scalar summary written under `log_dir`."""
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    steps = {}
+    for path in glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*"), recursive=True):
+        folder = os.path.basename(os.path.dirname(path))
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault((folder, value.tag), []).append(event.step)
+    return steps
+
+
+def test_tensorboard_logs_both_htg_phases_players_and_the_held_out_recall_on_one_epoch_count(tmp_path):
+    config = _smoke("train.method=htg", "train.epochs=3", "train.warmup_epochs=1", "train.tensorboard=true",
+                    f"train.log_dir={tmp_path}")
+    experiments.train(config, verbose=0)
+    steps = _event_steps(tmp_path)
+    assert sorted(steps[("validation", "epoch_recall@1")]) == [0, 1, 2]  # both phases, one count
+    assert steps[("train", "epoch_softmax_loss")] == [0]  # phase 1: the basic model
+    for player in ("f_loss", "g_loss", "d_loss"):  # phase 2: each player of the game, after it
+        assert sorted(steps[("train", f"epoch_{player}")]) == [1, 2]
+
+
+def test_tensorboard_is_off_by_default_and_defaults_under_runs_tensorboard():
+    config = _smoke()
+    assert experiments.tensorboard_callbacks(config) == []
+    config.train.tensorboard = True
+    assert experiments.tensorboard_log_dir(config) == "runs/tensorboard/baseline"

@@ -103,6 +103,13 @@ class TrainConfig:
     are restored at the end (for HTG in each phase: the game's best epoch is the result, and
     both phases' figures are in the history); `patience` > 0 also stops a phase after that many
     evaluations without improvement (`keras.callbacks.EarlyStopping`).
+
+    TensorBoard: `tensorboard` adds a `keras.callbacks.TensorBoard` after the model-selection
+    callbacks, so each player's losses and `val_recall@1`, `val_recall@K`, `val_map@r` are logged
+    per epoch (`tensorboard --logdir <log_dir>`). `log_dir` is where: `fgkeras train` and `demo`
+    default it to `<--out>/tensorboard`; empty elsewhere means `runs/tensorboard/<config name>`.
+    HTG's two phases share one run with one continuous epoch count
+    (`fgkeras.models.ContinuousTensorBoard`): the basic model's epochs first, then the game's.
     """
 
     method: str = "triplet_batch_hard"
@@ -135,6 +142,8 @@ class TrainConfig:
     patience: int = 0
     seed: int = 0
     variant: str = "full"
+    tensorboard: bool = False
+    log_dir: str = ""
 
 
 @dataclasses.dataclass

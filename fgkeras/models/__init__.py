@@ -7,6 +7,7 @@ from fgkeras.models.fggan import CanonicalEmbedder, ViewNormalizingGAN, build_fg
 from fgkeras.models.htg import HardTripletGAN, KeypointEmbedder, build_htg, train_htg
 from fgkeras.models.training import (
     OPTIMIZERS,
+    ContinuousTensorBoard,
     MultiRateAdam,
     MultiRateAdamW,
     MultiRateSGD,
@@ -22,6 +23,7 @@ __all__ = [
     "BACKBONES",
     "BASELINES",
     "CanonicalEmbedder",
+    "ContinuousTensorBoard",
     "Embedder",
     "HardTripletGAN",
     "KeypointEmbedder",

@@ -68,6 +68,34 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                     "the weights are those of that step, not a model to use.")
 
 
+class ContinuousTensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` whose epoch count continues across successive `fit` calls.
+
+    A recipe of several phases (HTG: the basic model, then the game) calls `fit` once per phase
+    with the same callbacks, and each `fit` counts its epochs from 0: plain `TensorBoard` would
+    write the second phase over the first one's steps. Here epoch e of a later `fit` is logged at
+    step (epochs of the earlier calls) + e, so `val_recall@1` is one curve over the whole budget,
+    and each phase's own losses appear from the step where it starts.
+    """
+
+    def __init__(self, log_dir="logs", **kwargs):
+        super().__init__(log_dir=log_dir, **kwargs)
+        self._epoch_offset = 0
+        self._epochs_seen = 0
+
+    def on_train_begin(self, logs=None):
+        self._epoch_offset += self._epochs_seen
+        self._epochs_seen = 0
+        super().on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(self._epoch_offset + epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epochs_seen = epoch + 1
+        super().on_epoch_end(self._epoch_offset + epoch, logs)
+
+
 @keras.saving.register_keras_serializable(package="fgkeras")
 class ShiftedSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """`schedule(step + offset)`: a later segment of a learning-rate schedule.
