@@ -1,6 +1,7 @@
 """What every benchmark shares: quiet TensorFlow, the machine facts, the results file."""
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -114,13 +115,17 @@ class RunStore:
         return run
 
 
-def train_and_measure(config, train_set, test_set, metrics, store):
-    """One run of `config`: trained (or taken from `store`), its test metrics and seconds."""
+def train_and_measure(config, load_splits, metrics, store):
+    """One run of `config`: trained (or taken from `store`), its test metrics and seconds.
+
+    `load_splits()` gives `(train_set, test_set)`; it is called only when the run is trained.
+    """
     from fgkeras import experiments
 
     run = store.get(config)
     if run is not None:
         return run
+    train_set, test_set = load_splits()
     start = time.perf_counter()
     model, history = experiments.train(config, train_set=train_set, verbose=0)
     seconds = time.perf_counter() - start
@@ -177,11 +182,11 @@ def compare_variants(base_config, variants, seeds, metrics, store=None, shard=(0
     for seed in seeds:
         config = configs.ExperimentConfig.from_dict(base_config.to_dict())
         config.train.seed = seed
-        train_set, test_set = experiments.load_data(config.data)
+        load_splits = functools.cache(functools.partial(experiments.load_data, config.data))  # only if trained
         for label, overrides in variants.items():
             variant = configs.override(configs.ExperimentConfig.from_dict(config.to_dict()), overrides)
             mine, order = train_missing and order % count == index, order + 1
-            run = train_and_measure(variant, train_set, test_set, metrics, store) if mine else store.get(variant)
+            run = train_and_measure(variant, load_splits, metrics, store) if mine else store.get(variant)
             if run is None:
                 continue
             per_variant[label].append(run)

@@ -73,7 +73,7 @@ def main():
             for seed in range(args.seeds):
                 config = configs.override(configs.ExperimentConfig.from_dict(base.to_dict()),
                                           [*overrides, f"train.method={method}", f"train.seed={seed}"])
-                run = _common.train_and_measure(config, train_set, test_set, METRICS, store)
+                run = _common.train_and_measure(config, lambda: (train_set, test_set), METRICS, store)
                 print(f"{method} seed {seed} {label}: " + ", ".join(f"{k} {run[k]:.3f}" for k in METRICS)
                       + f", {run['epochs_run']} epochs, {run['train_seconds']} s", flush=True)
                 runs_by_label.setdefault(label, []).append(run)
