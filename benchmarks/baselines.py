@@ -93,20 +93,17 @@ def comparison_parser(description):
     parser.add_argument("--only-cars", action="store_true")
     parser.add_argument("--stored-only", action="store_true",
                         help="train nothing: the table of the runs already in results/<topic>.jsonl")
-    parser.add_argument("--shard", default="0/1", metavar="I/N",
-                        help="train every N-th run from the I-th only, one thread (see _common.compare_variants)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="TensorFlow's threads per op; to use 2 cores, start the same command twice "
+                             "with --threads 1: the processes share the runs (see _common.RunStore.claim)")
     return parser
 
 
-def shard_of(args):
-    """`--shard I/N` as (I, N); with N > 1 TensorFlow gets one thread, for N processes on N cores."""
-    index, count = map(int, args.shard.split("/"))
-    if not 0 <= index < count:
-        raise SystemExit(f"--shard must be I/N with 0 <= I < N. Received: {args.shard}")
-    if count > 1:
+def set_threads(args):
+    """`--threads N` as TensorFlow's intra-op thread count (its own default when absent)."""
+    if args.threads is not None:
         import tensorflow as tf
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-    return index, count
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
 
 
 def configured_datasets(args):
@@ -119,10 +116,11 @@ def configured_datasets(args):
 
 def main():
     args = comparison_parser(__doc__).parse_args()
+    set_threads(args)
     for slug, name, config in configured_datasets(args):
         variants = {method: [f"train.method={method}"] for method in METHODS}
         store = _common.RunStore(f"baselines_{slug}", enabled=not args.smoke)
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args),
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store,
                                         train_missing=not args.stored_only)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)

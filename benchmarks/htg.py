@@ -11,7 +11,7 @@ present), mean ± std over seeds; then the step-time ratios on one batch.
 import _common
 import keras
 import numpy as np
-from baselines import METRICS, budget, comparison_parser, configured_datasets, shard_of
+from baselines import METRICS, budget, comparison_parser, configured_datasets, set_threads
 
 from fgkeras.evaluation import format_table
 from fgkeras.models import build_baseline, build_embedder, build_htg
@@ -98,6 +98,7 @@ def main():
     parser.add_argument("--restart-control", action="store_true",
                         help="also run every variant with train.restart_schedule=true, in the same table")
     args = parser.parse_args()
+    set_threads(args)
 
     variants, prefix = (ABLATIONS, "htg_ablations") if args.ablations else (VARIANTS, "htg")
     if args.restart_control:
@@ -109,7 +110,7 @@ def main():
         variants = {label: variants[label] for label in args.only}
     for slug, name, config in configured_datasets(args):
         store = _common.RunStore(f"{prefix}_{slug}", enabled=not args.smoke)
-        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store, shard_of(args),
+        rows = _common.compare_variants(config, variants, range(args.seeds), METRICS, store,
                                         train_missing=not args.stored_only)
         table = format_table(rows, keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{name}\n{table}", flush=True)

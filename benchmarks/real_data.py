@@ -13,7 +13,8 @@ row above is that change's:
 The pixel and colour-histogram baselines of the same test images are printed beside (the floor a
 learned embedder must clear). Runs are long (minutes each on 2 cores), so every finished run is
 kept in `results/real_data_cars196.jsonl` (`_common.RunStore`) and not trained again: a ladder
-cut short by the end of a session loses only the run in progress.
+cut short by the end of a session loses only the run in progress, and the same command started
+twice with `--threads 1` trains two runs at once.
 
     python benchmarks/real_data.py [--seeds 2] [--methods triplet_random,htg] [--rungs 3] [--set ...]
 """
@@ -21,7 +22,7 @@ cut short by the end of a session loses only the run in progress.
 import os
 
 import _common
-from baselines import METRICS, budget, comparison_parser
+from baselines import METRICS, budget, comparison_parser, set_threads
 
 from fgkeras import configs, experiments
 from fgkeras.evaluation import format_table, handcrafted_metrics
@@ -52,6 +53,7 @@ def main():
     parser.add_argument("--rungs", type=int, default=len(ladder(0)), help="run the first N rungs only")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     args = parser.parse_args()
+    set_threads(args)
     if not os.path.exists(_common.SHARED_CARS196):
         parser.exit(0, f"cars196_half not found at {_common.SHARED_CARS196}: nothing to measure\n")
     base = configs.get_config("cars196")
@@ -73,7 +75,9 @@ def main():
             for seed in range(args.seeds):
                 config = configs.override(configs.ExperimentConfig.from_dict(base.to_dict()),
                                           [*overrides, f"train.method={method}", f"train.seed={seed}"])
-                run = _common.train_and_measure(config, lambda: (train_set, test_set), METRICS, store)
+                run = _common.measured_run(config, lambda: (train_set, test_set), METRICS, store)
+                if run is None:
+                    continue  # another process trains it
                 print(f"{method} seed {seed} {label}: " + ", ".join(f"{k} {run[k]:.3f}" for k in METRICS)
                       + f", {run['epochs_run']} epochs, {run['train_seconds']} s", flush=True)
                 runs_by_label.setdefault(label, []).append(run)
