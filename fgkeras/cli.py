@@ -269,7 +269,9 @@ def cmd_search(args):
 def cmd_report(args):
     from fgkeras import viz
 
-    print(f"Report written to {viz.write_report(args.run_dir, k=args.k)}")
+    print(f"Report written to {viz.write_report(args.run_dir, k=args.k, projector=args.projector)}")
+    if args.projector:
+        print(f"Projector files written: tensorboard --logdir {os.path.join(args.run_dir, viz.report.PROJECTOR_DIR)}")
 
 
 def _load_model(path):
@@ -322,6 +324,9 @@ def build_parser():
                                                 "pictures of a run of demo, train or evaluate --out")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a directory with the results.json of a run")
     report.add_argument("--k", type=int, default=5, help="results shown per query in the galleries (default: 5)")
+    report.add_argument("--projector", action="store_true",
+                        help="also write the test embeddings, labels and thumbnails for TensorBoard's projector "
+                             "in RUN_DIR/projector")
     report.set_defaults(func=cmd_report)
 
     export = commands.add_parser("export", help="export a trained model: SavedModel (TF Serving layout), "

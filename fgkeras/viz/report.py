@@ -30,6 +30,7 @@ from fgkeras._files import write_atomic
 logger = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
+PROJECTOR_DIR = "projector"
 RESULTS = "results.json"
 DEFAULT_EMBEDDER = "embedder.keras"
 _TABLE_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "p@5", "p@10", "map@r")
@@ -88,9 +89,9 @@ class RunContext:
     never loads TensorFlow models or data.
     """
 
-    def __init__(self, run_dir, results, out_dir, k=5, per_group=3, verbose=True):
+    def __init__(self, run_dir, results, out_dir, k=5, per_group=3, verbose=True, projector=False):
         self.run_dir, self.results, self.out_dir = run_dir, results, out_dir
-        self.k, self.per_group, self.verbose = k, per_group, verbose
+        self.k, self.per_group, self.verbose, self.projector = k, per_group, verbose, projector
         self.galleries = {}  # what each gallery shows, for galleries.json
         self._models = {}
 
@@ -528,7 +529,26 @@ def projection_section(ctx):
         f"A 2-D PCA of the test embeddings ({100 * explained:.0f}% of the variance). Look for "
         "tight clusters of one colour, apart from each other; a smear of mixed colours means the "
         "embedder does not separate classes it never saw."))
+    if ctx.projector:
+        log_dir = write_projector_files(ctx)
+        section.blocks.append(
+            f"<p>The same embeddings, with their labels and thumbnails, for TensorBoard's projector "
+            f"(PCA, t-SNE or UMAP in 3-D, searchable by class): <code>tensorboard --logdir "
+            f"{html.escape(log_dir)}</code>, then the <em>Projector</em> tab.</p>")
     return section
+
+
+def write_projector_files(ctx):
+    """The test embeddings, their per-image facts and thumbnails in `RUN_DIR/projector`."""
+    from fgkeras.viz import projector
+
+    test = ctx.test
+    metadata = {key: values for key, values in test.items()
+                if key != "embeddings" and np.ndim(values) == 1 and len(values) == len(test["embeddings"])}
+    images = ctx.images(ctx.data[1], np.arange(len(test["embeddings"])))
+    log_dir = os.path.join(ctx.run_dir, PROJECTOR_DIR)
+    projector.write_projector(log_dir, test["embeddings"], metadata, images)
+    return log_dir
 
 
 def inventory_section(ctx):
@@ -650,7 +670,7 @@ SECTIONS = (metrics_section, tables_section, gallery_section, stock_section, ope
 # ---------------------------------------------------------------------------------------------
 
 
-def write_report(run_dir, k=5, per_group=3, verbose=True):
+def write_report(run_dir, k=5, per_group=3, verbose=True, projector=False):
     """Writes `run_dir/report/index.html` and its PNGs (and `galleries.json`); returns the HTML's path.
 
     Args:
@@ -658,11 +678,13 @@ def write_report(run_dir, k=5, per_group=3, verbose=True):
         k: results shown per query in the galleries.
         per_group: queries per gallery (best, median, worst).
         verbose: progress bars while embedding.
+        projector: also write the test embeddings for TensorBoard's projector in
+            `run_dir/projector` (`viz.projector.write_projector`), named in the projection section.
     """
     results = read_results(run_dir)
     out_dir = os.path.join(run_dir, REPORT_DIR)
     _clear(out_dir)
-    ctx = RunContext(run_dir, results, out_dir, k=k, per_group=per_group, verbose=verbose)
+    ctx = RunContext(run_dir, results, out_dir, k=k, per_group=per_group, verbose=verbose, projector=projector)
     sections = []
     for build in SECTIONS:
         section = build(ctx)

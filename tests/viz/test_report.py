@@ -150,13 +150,35 @@ def test_evaluate_out_saves_a_run_whose_report_has_no_export_section(evaluated_r
     with open(os.path.join(evaluated_run, "results.json")) as f:
         results = json.load(f)
     assert results["method"] == "htg" and os.path.isfile(os.path.join(evaluated_run, results["embedder"]))
-    assert cli.main(["report", evaluated_run]) == 0  # `fgkeras report RUN_DIR` rebuilds it
+    assert cli.main(["report", evaluated_run, "--projector"]) == 0  # `fgkeras report RUN_DIR` rebuilds it
     path = os.path.join(evaluated_run, "report", "index.html")
-    assert path in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert path in out and f"tensorboard --logdir {os.path.join(evaluated_run, 'projector')}" in out
     page = _assert_self_contained(path)
     assert "export" not in page.sections and "tflite" not in page.sections
     assert {"metrics", "galleries", "method"} <= set(page.sections)
     assert page.cells["htg"]["recall@1"] == f"{100 * results['metrics']['recall@1']:.1f}"
+    _assert_projector_holds_the_test_embeddings(evaluated_run, results)
+
+
+def _assert_projector_holds_the_test_embeddings(run_dir, results):
+    import keras
+    import tensorflow as tf
+    from fgkeras import evaluation
+
+    config = configs.ExperimentConfig.from_dict(results["config"])
+    test_set = experiments.load_data(config.data)[1]
+    embedder = keras.saving.load_model(os.path.join(run_dir, results["embedder"]), compile=False)
+    expected = evaluation.embed_dataset(embedder, test_set.as_dataset(image_size=config.data.image_size,
+                                                                      batch_size=32), verbose=0)
+    log_dir = os.path.join(run_dir, "projector")
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(log_dir))
+    np.testing.assert_allclose(reader.get_tensor("embeddings/.ATTRIBUTES/VARIABLE_VALUE"), expected["embeddings"],
+                               atol=1e-5)
+    header, *rows = open(os.path.join(log_dir, "metadata.tsv")).read().splitlines()
+    labels = [int(row.split("\t")[header.split("\t").index("label")]) for row in rows]
+    assert labels == list(test_set.labels)
+    assert os.path.isfile(os.path.join(log_dir, "sprite.png"))
 
 
 def test_report_of_an_fggan_run_shows_gs_canonical_views(tmp_path):
