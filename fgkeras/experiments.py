@@ -217,14 +217,25 @@ def dtype_policy(mixed_precision):
         keras.config.set_dtype_policy(previous)
 
 
+# What the trainers read of a batch (ViewGAN also reads the view).
+TRAINING_KEYS = ("image", "label", "view")
+
+
 def training_dataset(config, train_set):
-    """The infinite P×K class-balanced stream that every method trains on."""
+    """The infinite P×K class-balanced stream that every method trains on.
+
+    Its batches keep only `TRAINING_KEYS`: under a `tf.distribute` strategy, Keras's `fit`
+    averages every tensor of the first batch across replicas to build the model
+    (`_maybe_symbolic_build`, Keras 3.15), which fails on the boolean `is_stock` column
+    ("AddN … bool").
+    """
     augment = fg_data.Augment.standard() if config.data.augment else None
-    return train_set.class_balanced_dataset(
+    stream = train_set.class_balanced_dataset(
         classes_per_batch=config.train.classes_per_batch,
         images_per_class=config.train.images_per_class,
         image_size=config.data.image_size, seed=config.train.seed, augment=augment,
     )
+    return stream.map(lambda batch: {key: batch[key] for key in TRAINING_KEYS if key in batch})
 
 
 def train(config, train_set=None, verbose="auto", callbacks=None):

@@ -209,3 +209,19 @@ def test_tensorboard_is_off_by_default_and_defaults_under_runs_tensorboard():
     assert experiments.tensorboard_callbacks(config) == []
     config.train.tensorboard = True
     assert experiments.tensorboard_log_dir(config) == "runs/tensorboard/baseline"
+
+
+def test_the_training_stream_fits_under_mirrored_strategy(mirrored_strategy):
+    # Keras averages the first batch across replicas to build the model; a bool column made
+    # that fail ("AddN … bool"), so the stream carries only what the trainers read.
+    config = _smoke("train.method=triplet_batch_hard")
+    train, _ = experiments.load_data(config.data)
+    stream = experiments.training_dataset(config, train)
+    assert set(stream.element_spec) == {"image", "label", "view"}
+    with mirrored_strategy.scope():
+        model = experiments.build_model(config, train.num_classes)
+        model.compile(optimizer=experiments.make_optimizer(config.train))
+        before = [np.asarray(w) for w in model.trainable_weights]
+        history = model.fit(stream, epochs=1, steps_per_epoch=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(before, model.trainable_weights))
