@@ -12,6 +12,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from fgkeras import data as fg_data
 from fgkeras import evaluation
@@ -238,6 +239,31 @@ def training_dataset(config, train_set):
     return stream.map(lambda batch: {key: batch[key] for key in TRAINING_KEYS if key in batch})
 
 
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+
+
+@functools.cache
+def distribution_strategy(kind):
+    """The `tf.distribute` strategy that `train.distribute` names, one per process and kind.
+
+    "mirrored" replicates over the logical GPUs, or the logical CPUs where there is no GPU
+    (a CPU split with `tf.config.set_logical_device_configuration` stands in for GPUs);
+    "multi_worker" reads the cluster from `TF_CONFIG`. A strategy is made once per process:
+    two over the same devices would reuse the same collective keys.
+    """
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"`train.distribute` must be one of {DISTRIBUTIONS}. Received: {kind!r}")
+    if kind == "none":
+        return tf.distribute.get_strategy()
+    if kind == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("train.distribute=multi_worker needs TF_CONFIG (the cluster and this worker's task); "
+                             "see docs/scale_out.md")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
 def train(config, train_set=None, verbose="auto", callbacks=None):
     """Trains the configured method; returns `(model, history)`.
 
@@ -254,7 +280,14 @@ def train(config, train_set=None, verbose="auto", callbacks=None):
         train_set: the training ImageSet; loaded from `config.data` when None.
         callbacks: more Keras callbacks; they run after the evaluation (and after TensorBoard,
             with `train.tensorboard`), so they can monitor `val_recall@1`.
+
+    Everything is built and fitted in the scope of `distribution_strategy(train.distribute)`.
     """
+    with distribution_strategy(config.train.distribute).scope():
+        return _train(config, train_set, verbose, callbacks)
+
+
+def _train(config, train_set, verbose, callbacks):
     guard = models.StopOnNonFiniteLoss()  # a diverging player stops the run, naming itself
     if config.train.method == "viewgan":  # G on view pairs of the synthetic vehicles (#14)
         from fgkeras.evaluation.viewgan import train_viewgan

@@ -55,6 +55,8 @@ def mirrored_strategy(two_cpu_devices):
     Two strategies over the same devices in one process reuse collective instance keys,
     and the second one's all-reduce then aborts ("Collective instance … expected type …").
     """
-    import tensorflow as tf
+    from fgkeras import experiments
 
-    return tf.distribute.MirroredStrategy(two_cpu_devices)
+    strategy = experiments.distribution_strategy("mirrored")  # the one `train.distribute=mirrored` uses
+    assert strategy.num_replicas_in_sync == len(two_cpu_devices)
+    return strategy

@@ -225,3 +225,23 @@ def test_the_training_stream_fits_under_mirrored_strategy(mirrored_strategy):
         history = model.fit(stream, epochs=1, steps_per_epoch=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(before, model.trainable_weights))
+
+
+@pytest.mark.parametrize("method", ["triplet_batch_hard", "htg"])
+def test_train_distribute_mirrored_trains_every_replica_through_fit(mirrored_strategy, method):
+    config = _smoke(f"train.method={method}", "train.distribute=mirrored", "train.epochs=2",
+                    "train.warmup_epochs=1", "train.steps_per_epoch=1")
+    model, history = experiments.train(config, verbose=0)
+    assert model.distribute_strategy is mirrored_strategy and mirrored_strategy.num_replicas_in_sync == 2
+    losses = [key for key in history.history if key.endswith("loss")]
+    assert losses and all(np.isfinite(history.history[key]).all() for key in losses)
+    assert "val_recall@1" in history.history  # model selection ran under the strategy too
+
+
+def test_train_distribute_names_its_choices_and_needs_tf_config_for_workers(monkeypatch):
+    with pytest.raises(ValueError, match="one of .*'mirrored'.*Received: 'gpus'"):
+        experiments.distribution_strategy("gpus")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs TF_CONFIG"):
+        experiments.distribution_strategy("multi_worker")
+    assert experiments.distribution_strategy("none").num_replicas_in_sync == 1

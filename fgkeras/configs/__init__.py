@@ -110,6 +110,11 @@ class TrainConfig:
     default it to `<--out>/tensorboard`; empty elsewhere means `runs/tensorboard/<config name>`.
     HTG's two phases share one run with one continuous epoch count
     (`fgkeras.models.ContinuousTensorBoard`): the basic model's epochs first, then the game's.
+
+    Distribution (`experiments.distribution_strategy`): `distribute` is "none" (one device),
+    "mirrored" (`tf.distribute.MirroredStrategy` over this machine's GPUs, else its logical
+    CPUs) or "multi_worker" (`MultiWorkerMirroredStrategy`, the workers from `TF_CONFIG`). The
+    P×K batch is the global batch, split across the replicas.
     """
 
     method: str = "triplet_batch_hard"
@@ -144,6 +149,7 @@ class TrainConfig:
     variant: str = "full"
     tensorboard: bool = False
     log_dir: str = ""
+    distribute: str = "none"
 
 
 @dataclasses.dataclass

@@ -1,5 +1,6 @@
 """Embedding a tf.data dataset of image dicts with a model, metadata alongside."""
 
+import weakref
 from collections.abc import Mapping
 
 import keras
@@ -12,7 +13,7 @@ def embed_dataset(model, dataset, batch_size=None, verbose=True):
     """Runs `model` over every image of `dataset` and gathers embeddings and metadata.
 
     Args:
-        model: a `keras.Model` (run in inference mode with `predict_on_batch`), a
+        model: a `keras.Model` (run in inference mode by a traced call), a
             Keras layer (called with `training=False`), or any callable mapping an
             image batch (batch, H, W, C) to embeddings (batch, dim).
         dataset: a `tf.data.Dataset` whose elements are dicts with an `"image"`
@@ -67,9 +68,18 @@ def embed_dataset(model, dataset, batch_size=None, verbose=True):
     return {key: np.concatenate(values) for key, values in outputs.items()}
 
 
+# One traced inference function per model, kept as long as the model lives.
+_INFERENCE = weakref.WeakKeyDictionary()
+
+
 def _inference_fn(model):
     if isinstance(model, keras.Model):
-        return model.predict_on_batch
+        # Not `predict_on_batch`: under a strategy of N replicas (Keras 3.15) it gives every
+        # replica the whole batch and returns N × the batch. A traced call runs once, in the
+        # cross-replica context, on the model's (mirrored) weights.
+        if model not in _INFERENCE:
+            _INFERENCE[model] = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        return _INFERENCE[model]
     if isinstance(model, keras.layers.Layer):
         return lambda images: model(images, training=False)
     if callable(model):

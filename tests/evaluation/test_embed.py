@@ -47,6 +47,16 @@ def test_embeds_batched_and_unbatched_datasets(model, dataset, images, batch_fir
     np.testing.assert_array_equal(outputs["is_stock"], np.arange(NUM_IMAGES) < 2)
 
 
+def test_a_model_built_under_mirrored_strategy_embeds_each_image_once(mirrored_strategy, dataset, images):
+    # Keras's predict_on_batch gives each replica the whole batch there (2 × the rows).
+    with mirrored_strategy.scope():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        mirrored = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    outputs = embed_dataset(mirrored, dataset, batch_size=4, verbose=False)
+    np.testing.assert_allclose(outputs["embeddings"], mirrored(images, training=False), rtol=1e-5, atol=1e-6)
+
+
 def test_embeds_with_a_plain_callable(dataset, images):
     outputs = embed_dataset(lambda batch: tf.reshape(batch, (tf.shape(batch)[0], -1)), dataset, verbose=False)
     np.testing.assert_array_equal(outputs["embeddings"], images.reshape(NUM_IMAGES, -1))
