@@ -69,24 +69,28 @@ def main():
 
     store = _common.RunStore("real_data_cars196", enabled=not args.smoke)
     sections = [("Hand-made features, the same test images", format_table(floor_rows, keys=["method", *METRICS]))]
+    rungs, complete = ladder(args.weight_decay)[:args.rungs], True
     for method in args.methods.split(","):
         runs_by_label = {}
-        for label, overrides in ladder(args.weight_decay)[:args.rungs]:
+        for label, overrides in rungs:
             for seed in range(args.seeds):
                 config = configs.override(configs.ExperimentConfig.from_dict(base.to_dict()),
                                           [*overrides, f"train.method={method}", f"train.seed={seed}"])
-                run = _common.measured_run(config, lambda: (train_set, test_set), METRICS, store)
+                run = _common.measured_run(config, lambda: (train_set, test_set), METRICS, store,
+                                           train_missing=not args.stored_only)
                 if run is None:
-                    continue  # another process trains it
+                    continue  # another process trains it (or --stored-only)
                 print(f"{method} seed {seed} {label}: " + ", ".join(f"{k} {run[k]:.3f}" for k in METRICS)
                       + f", {run['epochs_run']} epochs, {run['train_seconds']} s", flush=True)
                 runs_by_label.setdefault(label, []).append(run)
+        complete &= len(runs_by_label) == len(rungs) and all(len(runs) == args.seeds for runs in runs_by_label.values())
         table = format_table(_common.mean_std_rows(runs_by_label, METRICS), keys=["method", "seeds", *METRICS, "train_seconds"])
         print(f"\n{method}\n{table}", flush=True)
         sections.append((f"{method}: the recipe, one change a rung",
                          table + "\n\nThe last rung's setup: " + budget(config, htg=method == "htg")))
     if not args.smoke:
-        print("wrote", _common.write_results("real_data_cars196", sections))
+        topic = "real_data_cars196" if complete else "real_data_cars196_progress"
+        print("wrote", _common.write_results(topic, sections))
 
 
 if __name__ == "__main__":
