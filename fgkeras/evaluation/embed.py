@@ -78,7 +78,8 @@ def _inference_fn(model):
         # replica the whole batch and returns N × the batch. A traced call runs once, in the
         # cross-replica context, on the model's (mirrored) weights.
         if model not in _INFERENCE:
-            _INFERENCE[model] = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+            owner = weakref.ref(model)  # a strong reference here would keep every model alive
+            _INFERENCE[model] = tf.function(lambda images: owner()(images, training=False), reduce_retracing=True)
         return _INFERENCE[model]
     if isinstance(model, keras.layers.Layer):
         return lambda images: model(images, training=False)

@@ -85,3 +85,16 @@ def test_rejects_a_dataset_without_dicts(images):
 def test_rejects_a_model_output_that_is_not_one_embedding_per_image(dataset):
     with pytest.raises(ValueError, match="model"):
         embed_dataset(lambda batch: batch, dataset, verbose=False)
+
+
+def test_embedding_keeps_no_model_alive(dataset):
+    import gc
+    import weakref
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    embed_dataset(model, dataset, verbose=False)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the traced inference function is cached without owning its model
