@@ -450,7 +450,7 @@ class SavedModelEmbedder:
                     rows.append(self([data]))
                     good.append((item, path, data))
                 except (tf.errors.InvalidArgumentError, ValueError) as error:
-                    corrupt.append((path, _first_line(error)))
+                    corrupt.append((path, _reason(error)))
             return good, (np.concatenate(rows) if rows else None), corrupt
 
     def embed_files(self, files, progress=True):
@@ -478,9 +478,14 @@ class SavedModelEmbedder:
         return ids, embeddings, corrupt
 
 
-def _first_line(error):
-    text = getattr(error, "message", None) or str(error)
-    return " ".join(text.split())[:200]
+def _reason(error):
+    """Why an image failed: the message of the graph's failed assertion (it names what the bytes
+    are), else the start of the error."""
+    text = " ".join((getattr(error, "message", None) or str(error)).split())
+    start = text.find("assertion failed: [")
+    if start >= 0:
+        text = text[start + len("assertion failed: ["):].split(" [[", 1)[0].removesuffix("]")
+    return text[:200]
 
 
 def uses_scann_ops(path):
