@@ -19,7 +19,7 @@ Design decisions:
 - Embeddings as TFRecords of `tf.train.Example`, not Parquet: `tf.data` reads them with no other
   library (the project is TensorFlow end to end), and they add no pyarrow pin to a platform whose
   pins are already tight (protobuf, see docs/scale_out.md).
-- An id goes to shard `crc32(id) % num_shards`, not to the bundle that held it: the same gallery
+- An id goes to shard `blake2b(id) % num_shards`, not to the bundle that held it: the same gallery
   gives the same shards on every runner and any number of workers, and a retried shard is
   rewritten whole. Each shard is one `GroupByKey` group, so it must fit one worker's memory.
 - Index files are written through Beam's `FileSystems` (local paths, gs://, s3://, hdfs://): the
@@ -34,13 +34,13 @@ Design decisions:
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-import zlib
 
 import apache_beam as beam
 import numpy as np
@@ -93,8 +93,10 @@ def is_tfrecords(images):
 
 
 def shard_of(item, num_shards):
-    """The index shard of an id: stable across processes, runs and runners (unlike `hash`)."""
-    return zlib.crc32(item.encode("utf-8")) % num_shards
+    """The index shard of an id: stable across processes, runs and runners (unlike `hash`), and
+    balanced for ids that differ in a character or two (CRC-32's low bits are not: it is linear)."""
+    digest = hashlib.blake2b(item.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_shards
 
 
 class _ReadFiles(beam.DoFn):
