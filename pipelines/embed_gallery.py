@@ -110,7 +110,7 @@ class _ReadFiles(beam.DoFn):
         try:
             with FileSystems.open(path) as f:
                 yield item, path, f.read()
-        except (OSError, IOError) as error:
+        except OSError as error:  # Beam's BeamIOError is one
             self._dead.inc()
             yield beam.pvalue.TaggedOutput(_DEAD, {"path": path, "reason": f"unreadable: {error}"})
 
@@ -363,11 +363,13 @@ def run(model, images, out, kind="exact", num_shards=4, batch_size=64, beam_args
                    metadata={"model": record, "log_seq": 0, "gallery": gallery})
     result = pipeline.run()
     result.wait_until_finish()
-    counters = {counter.key.metric.name: counter.committed if counter.committed is not None else counter.attempted
-                for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]}
+    counters = {}  # one result per step that counts (the readers and the embedder all count dead letters)
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        counters[counter.key.metric.name] = counters.get(counter.key.metric.name, 0) + value
 
-    shards = sorted(os.path.dirname(match) for match in _matching(FileSystems.join(out, SHARDS_DIR, "*", "manifest.json"),
-                                                                   allow_none=True))
+    manifests = _matching(FileSystems.join(out, SHARDS_DIR, "*", "manifest.json"), allow_none=True)
+    shards = sorted(os.path.dirname(path) for path in manifests)
     dead_files = _matching(FileSystems.join(out, DEAD_LETTER_DIR, "dead_letter-*.jsonl"), allow_none=True)
     dead = []
     for file in dead_files:

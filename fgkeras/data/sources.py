@@ -144,7 +144,7 @@ def gallery_files(images):
     else:
         raise ValueError(f"`images` must be an image folder (root/<class>/<image>) or a CSV of paths. "
                          f"Received: images={images!r}")
-    return [(os.path.relpath(os.fspath(p), base), os.fspath(p)) for p in paths]
+    return [(os.path.relpath(str(p), base), str(p)) for p in paths]  # str, not numpy.str_
 
 
 def tfds_images(

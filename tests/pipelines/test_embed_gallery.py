@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 pytest.importorskip(
     "apache_beam",
     reason="apache-beam is not installed here: it needs protobuf < 7, the serving stack protobuf 7, so the "
-           "pipeline's tests run in an environment of their own (README, pipelines/requirements.txt; .ci/run runs them)")
+           "pipeline's tests run in an environment of their own (README, pipelines/requirements.txt; "
+           ".ci/run runs them)")
 
 import tensorflow as tf  # noqa: E402
 
@@ -135,6 +136,24 @@ def test_tfrecord_input_and_a_scann_index(model_dir, gallery, expected, tmp_path
     assert isinstance(Index.load(report.index), ScannIndex)
     found, reference = _top_k(report.index, expected, k=1)
     np.testing.assert_array_equal(found, reference)
+
+
+def test_csv_input_and_a_file_that_cannot_be_read(model_dir, gallery, expected, tmp_path):
+    rows = [f"{item},{item.split(os.sep)[0]}" for item, _ in gallery_files(gallery)] + ["c0/missing.jpg,c0"]
+    csv_path = os.path.join(gallery, "gallery.csv")
+    with open(csv_path, "w") as f:
+        f.write("path,class_id\n" + "\n".join(rows) + "\n")
+    try:
+        report = _run(model_dir, csv_path, tmp_path / "out")
+    finally:
+        os.remove(csv_path)
+    ids, vectors = embed_gallery.read_embeddings(str(tmp_path / "out"))
+    assert ids == expected[0]
+    np.testing.assert_allclose(vectors, expected[1], rtol=1e-5, atol=1e-5)
+    reasons = {r["path"]: r["reason"] for r in report.dead_letter_records}
+    assert sorted(reasons) == [os.path.join(gallery, "c0", "missing.jpg"), os.path.join(gallery, BROKEN)]
+    assert reasons[os.path.join(gallery, "c0", "missing.jpg")].startswith("unreadable")
+    assert report.dead_letters == 2
 
 
 def test_merge_refuses_shards_of_two_models(tmp_path):
