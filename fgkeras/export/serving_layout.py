@@ -99,9 +99,6 @@ def version_dir(root, version):
     return os.path.join(root, str(int(version)))
 
 
-# --- warmup requests ------------------------------------------------------------------------
-
-
 def resolve_model_dir(model_dir):
     """`(name, version, path)` of `saved_models/<name>/<version>`, or of the latest version of
     `saved_models/<name>`."""
@@ -117,6 +114,9 @@ def resolve_model_dir(model_dir):
         raise ValueError(f"`model_dir` holds no SavedModel and no integer version directory. "
                          f"Received: model_dir={model_dir!r}")
     return os.path.basename(model_dir), versions[-1], os.path.join(model_dir, str(versions[-1]))
+
+
+# --- warmup requests ------------------------------------------------------------------------
 
 
 def sample_encoded_images(num_images=2, seed=0):
