@@ -308,7 +308,7 @@ def build_pipeline(pipeline, model_dir, images, out, kind="exact", num_shards=4,
         model_dir: a SavedModel directory with an `embed` (or `serving_default`) signature on bytes.
         images: an image folder or CSV of paths (read here, to list the files), or a path / glob of
             TFRecord files (read by the workers).
-        out: the output directory (any Beam filesystem).
+        out: the output directory (any Beam filesystem); `run` refuses one that holds an earlier run's.
         kind: the kind of the index shards, "exact" or "scann".
         num_shards: index shards.
         batch_size: images per call of the SavedModel.
@@ -355,6 +355,11 @@ def run(model, images, out, kind="exact", num_shards=4, batch_size=64, beam_args
     Returns:
         an `EmbedReport`.
     """
+    earlier = [p for d in (EMBEDDINGS_DIR, SHARDS_DIR, DEAD_LETTER_DIR, INDEX_DIR)
+               for p in _matching(FileSystems.join(out, d, "*"), allow_none=True)]
+    if earlier:  # stale shards of another gallery or shard count would be merged with the new ones
+        raise ValueError(f"`out` holds the outputs of an earlier run ({earlier[0]}, ...): give a new directory. "
+                         f"Received: out={out!r}")
     name, version, path = resolve_model_dir(model)
     record = model_record(path, name, version)
     gallery = images if "://" in os.fspath(images) else os.path.abspath(os.fspath(images))

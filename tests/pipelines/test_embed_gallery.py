@@ -104,6 +104,12 @@ def test_a_corrupt_image_goes_to_the_dead_letters_with_its_name_and_is_counted(d
     assert BROKEN not in Index.load(report.index).ids.tolist()
 
 
+def test_an_earlier_runs_outputs_are_not_mixed_with_a_new_run(direct, model_dir, gallery):
+    out, _ = direct
+    with pytest.raises(ValueError, match="outputs of an earlier run"):
+        _run(model_dir, gallery, out)
+
+
 def test_merged_index_gives_the_top_k_of_an_exact_index_built_in_process(direct, expected, model_dir):
     _, report = direct
     found, reference = _top_k(report.index, expected)
