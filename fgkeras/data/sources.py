@@ -133,6 +133,20 @@ def read_csv(csv_path, root=None, split=None, class_column="class_id"):
     )
 
 
+def gallery_files(images):
+    """`[(id, path)]` of an image folder (`root/<class>/<image>`; ids relative to it) or a CSV
+    (`path,class_id,...`; ids as the CSV's paths relative to its folder)."""
+    images = os.fspath(images)
+    if os.path.isdir(images):
+        paths, base = image_folder(images).paths, images
+    elif os.path.isfile(images) and images.lower().endswith(".csv"):
+        paths, base = read_csv(images).paths, os.path.dirname(os.path.abspath(images))
+    else:
+        raise ValueError(f"`images` must be an image folder (root/<class>/<image>) or a CSV of paths. "
+                         f"Received: images={images!r}")
+    return [(os.path.relpath(str(p), base), str(p)) for p in paths]  # str, not numpy.str_
+
+
 def tfds_images(
     name,
     split,

@@ -415,6 +415,79 @@ def load_saved_model(path):
     return tf.saved_model.load(path)
 
 
+class SavedModelEmbedder:
+    """A SavedModel's `embed` signature on encoded images, in batches; finds the corrupt ones.
+
+    What `fgkeras index` and the Beam pipeline (`pipelines.embed_gallery`) embed galleries with: the
+    preprocessing the server applies to queries, so gallery and query vectors agree.
+    """
+
+    def __init__(self, path, batch_size):
+        self._loaded = load_saved_model(path)
+        signatures = self._loaded.signatures
+        self._function = signatures.get("embed") or signatures["serving_default"]
+        (self._input,) = self._function.structured_input_signature[1]
+        self.batch_size = batch_size
+
+    def __call__(self, images):
+        """(N, D) float32 of a list of encoded images; raises on an undecodable one."""
+        outputs = self._function(**{self._input: tf.constant(list(images), tf.string)})
+        return np.asarray(outputs.get("embeddings", next(iter(outputs.values()))), np.float32)
+
+    def embed_contents(self, contents):
+        """`(good, vectors, corrupt)` of one batch `[(id, path, encoded bytes)]`: the decodable items
+        in order and their (len(good), D) vectors (None when there is none), and `[(path, reason)]`
+        of the others.
+
+        The batch goes in one call; when one image fails it, each is tried alone to find it.
+        """
+        try:
+            return list(contents), (self([data for _, _, data in contents]) if contents else None), []
+        except (tf.errors.InvalidArgumentError, ValueError):  # one bad image fails its batch: find it
+            good, rows, corrupt = [], [], []
+            for item, path, data in contents:
+                try:
+                    rows.append(self([data]))
+                    good.append((item, path, data))
+                except (tf.errors.InvalidArgumentError, ValueError) as error:
+                    corrupt.append((path, _reason(error)))
+            return good, (np.concatenate(rows) if rows else None), corrupt
+
+    def embed_files(self, files, progress=True):
+        """`(ids, embeddings, corrupt)`: the readable images of `[(id, path)]` embedded, in order."""
+        from tqdm.auto import tqdm
+
+        ids, blocks, corrupt = [], [], []
+        with tqdm(total=len(files), desc="embedding the gallery", unit="image", disable=not progress) as bar:
+            for start in range(0, len(files), self.batch_size):
+                batch = files[start:start + self.batch_size]
+                contents = []
+                for item, path in batch:
+                    try:
+                        with open(path, "rb") as f:
+                            contents.append((item, path, f.read()))
+                    except OSError as error:
+                        corrupt.append((path, f"unreadable: {error.strerror or error}"))
+                good, vectors, bad = self.embed_contents(contents)
+                corrupt.extend(bad)
+                if vectors is not None:
+                    ids.extend(item for item, _, _ in good)
+                    blocks.append(vectors)
+                bar.update(len(batch))
+        embeddings = np.concatenate(blocks) if blocks else None
+        return ids, embeddings, corrupt
+
+
+def _reason(error):
+    """Why an image failed: the message of the graph's failed assertion (it names what the bytes
+    are), else the start of the error."""
+    text = " ".join((getattr(error, "message", None) or str(error)).split())
+    start = text.find("assertion failed: [")
+    if start >= 0:
+        text = text[start + len("assertion failed: ["):].split(" [[", 1)[0].removesuffix("]")
+    return text[:200]
+
+
 def uses_scann_ops(path):
     """True when the SavedModel's graph holds ScaNN ops (the "scann" retrieval flavour)."""
     return any(op.startswith(SCANN_NAMESPACE + ">") for op in graph_op_types(path))

@@ -99,6 +99,23 @@ def version_dir(root, version):
     return os.path.join(root, str(int(version)))
 
 
+def resolve_model_dir(model_dir):
+    """`(name, version, path)` of `saved_models/<name>/<version>`, or of the latest version of
+    `saved_models/<name>`."""
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    if os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
+        base, version = os.path.split(model_dir)
+        if not is_version_name(version):
+            raise ValueError(f"`model_dir` must be saved_models/<name>/<version> with an integer version, or "
+                             f"saved_models/<name>. Received: model_dir={model_dir!r}")
+        return os.path.basename(base), int(version), model_dir
+    versions = list_versions(model_dir) if os.path.isdir(model_dir) else []
+    if not versions:
+        raise ValueError(f"`model_dir` holds no SavedModel and no integer version directory. "
+                         f"Received: model_dir={model_dir!r}")
+    return os.path.basename(model_dir), versions[-1], os.path.join(model_dir, str(versions[-1]))
+
+
 # --- warmup requests ------------------------------------------------------------------------
 
 

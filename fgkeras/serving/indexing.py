@@ -19,6 +19,9 @@ import os
 
 import numpy as np
 
+from fgkeras.data.sources import gallery_files
+from fgkeras.export.saved_model import SavedModelEmbedder
+from fgkeras.export.serving_layout import resolve_model_dir
 from fgkeras.serving.inventory import LOG_FILE
 
 logger = logging.getLogger(__name__)
@@ -54,107 +57,11 @@ class IndexReport:
         return self.gallery_items + self.log_upserts
 
 
-def resolve_model_dir(model_dir):
-    """`(name, version, path)` of `saved_models/<name>/<version>`, or of the latest version of
-    `saved_models/<name>`."""
-    from fgkeras.export import list_versions
-    from fgkeras.export.serving_layout import is_version_name
-
-    model_dir = os.path.abspath(os.fspath(model_dir))
-    if os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
-        base, version = os.path.split(model_dir)
-        if not is_version_name(version):
-            raise ValueError(f"`model_dir` must be saved_models/<name>/<version> with an integer version, or "
-                             f"saved_models/<name>. Received: model_dir={model_dir!r}")
-        return os.path.basename(base), int(version), model_dir
-    versions = list_versions(model_dir) if os.path.isdir(model_dir) else []
-    if not versions:
-        raise ValueError(f"`model_dir` holds no SavedModel and no integer version directory. "
-                         f"Received: model_dir={model_dir!r}")
-    return os.path.basename(model_dir), versions[-1], os.path.join(model_dir, str(versions[-1]))
-
-
 def default_index_dir(model_dir, version):
     """`indexes/<name>/<version>` beside `saved_models/<name>/<version>` (`<root>/saved_models/...`)."""
     name_dir = os.path.dirname(os.path.abspath(model_dir))
     root = os.path.dirname(os.path.dirname(name_dir))
     return os.path.join(root, "indexes", os.path.basename(name_dir), str(version))
-
-
-def gallery_files(images):
-    """`[(id, path)]` of an image folder (`root/<class>/<image>`; ids relative to it) or a CSV
-    (`path,class_id,...`; ids as the CSV's paths relative to its folder)."""
-    from fgkeras.data import image_folder, read_csv
-
-    images = os.fspath(images)
-    if os.path.isdir(images):
-        paths, base = image_folder(images).paths, images
-    elif os.path.isfile(images) and images.lower().endswith(".csv"):
-        paths, base = read_csv(images).paths, os.path.dirname(os.path.abspath(images))
-    else:
-        raise ValueError(f"`images` must be an image folder (root/<class>/<image>) or a CSV of paths. "
-                         f"Received: images={images!r}")
-    return [(os.path.relpath(os.fspath(p), base), os.fspath(p)) for p in paths]
-
-
-class _Embedder:
-    """A SavedModel's `embed` signature on encoded images, in batches; finds the corrupt ones."""
-
-    def __init__(self, path, batch_size):
-        from fgkeras.export import load_saved_model
-
-        self._loaded = load_saved_model(path)
-        signatures = self._loaded.signatures
-        self._function = signatures.get("embed") or signatures["serving_default"]
-        (self._input,) = self._function.structured_input_signature[1]
-        self.batch_size = batch_size
-
-    def __call__(self, images):
-        """(N, D) float32 of a list of encoded images; raises on an undecodable one."""
-        import tensorflow as tf
-
-        outputs = self._function(**{self._input: tf.constant(list(images), tf.string)})
-        return np.asarray(outputs.get("embeddings", next(iter(outputs.values()))), np.float32)
-
-    def embed_files(self, files, progress=True):
-        """`(ids, embeddings, corrupt)`: the readable images of `[(id, path)]` embedded, in order."""
-        import tensorflow as tf
-        from tqdm.auto import tqdm
-
-        ids, blocks, corrupt = [], [], []
-        with tqdm(total=len(files), desc="embedding the gallery", unit="image", disable=not progress) as bar:
-            for start in range(0, len(files), self.batch_size):
-                batch = files[start:start + self.batch_size]
-                contents = []
-                for item, path in batch:
-                    try:
-                        with open(path, "rb") as f:
-                            contents.append((item, path, f.read()))
-                    except OSError as error:
-                        corrupt.append((path, f"unreadable: {error.strerror or error}"))
-                try:
-                    vectors = self([data for _, _, data in contents]) if contents else None
-                    good = contents
-                except (tf.errors.InvalidArgumentError, ValueError):  # one bad image fails its batch: find it
-                    good, rows = [], []
-                    for item, path, data in contents:
-                        try:
-                            rows.append(self([data]))
-                            good.append((item, path, data))
-                        except (tf.errors.InvalidArgumentError, ValueError) as error:
-                            corrupt.append((path, _first_line(error)))
-                    vectors = np.concatenate(rows) if rows else None
-                if vectors is not None:
-                    ids.extend(item for item, _, _ in good)
-                    blocks.append(vectors)
-                bar.update(len(batch))
-        embeddings = np.concatenate(blocks) if blocks else None
-        return ids, embeddings, corrupt
-
-
-def _first_line(error):
-    text = getattr(error, "message", None) or str(error)
-    return " ".join(text.split())[:200]
 
 
 def index_gallery(model_dir, images=None, out=None, kind="exact", batch_size=64, progress=True):
@@ -173,7 +80,7 @@ def index_gallery(model_dir, images=None, out=None, kind="exact", batch_size=64,
         an `IndexReport`. Corrupt images are listed there (and logged), never silently dropped.
     """
     _, _, path = resolve_model_dir(model_dir)
-    embedder = _Embedder(path, batch_size)
+    embedder = SavedModelEmbedder(path, batch_size)
     ids, embeddings, corrupt = [], None, []
     if images is not None:
         ids, embeddings, corrupt = embedder.embed_files(gallery_files(images), progress=progress)
@@ -197,7 +104,7 @@ def build_version_index(model_dir, ids, embeddings, out=None, gallery=None, kind
             when the index holds the log's items alone (a new version's index can then be
             rebuilt from the log by the server itself).
         kind: "exact" or "scann".
-        embedder: an `_Embedder` of the version, when one is loaded already.
+        embedder: a `SavedModelEmbedder` of the version, when one is loaded already.
     Returns:
         an `IndexReport`.
     """
@@ -218,7 +125,7 @@ def build_version_index(model_dir, ids, embeddings, out=None, gallery=None, kind
     for entry in read_entries(log_path) if os.path.exists(log_path) else []:
         change = inventory_pb2.LogRecord.FromString(entry.payload)
         if change.upsert_ids and change.upsert_images:
-            embedder = embedder or _Embedder(path, batch_size=64)
+            embedder = embedder or SavedModelEmbedder(path, batch_size=64)
             items.update(zip(change.upsert_ids, embedder(list(change.upsert_images))))
             live.update(change.upsert_ids)
         elif change.upsert_ids:
