@@ -196,11 +196,9 @@ class _WriteIndexShard(beam.DoFn):
 
 
 def _new_index(kind):
-    from fgkeras.index import ExactIndex, ScannIndex
+    from fgkeras.index import Index
 
-    if kind not in KINDS:
-        raise ValueError(f"`kind` must be one of {KINDS}. Received: kind={kind!r}")
-    return ScannIndex() if kind == "scann" else ExactIndex()
+    return Index.of_kind(kind)
 
 
 def save_index(index, path):

@@ -72,6 +72,13 @@ class Index(abc.ABC):
             cls.kind = kind
             Index._kinds[kind] = cls
 
+    @staticmethod
+    def of_kind(kind):
+        """A new, empty index of `kind`: "exact", "scann", or any other registered subclass's."""
+        if kind not in Index._kinds:
+            raise ValueError(f"`kind` must be one of {sorted(Index._kinds)}. Received: kind={kind!r}")
+        return Index._kinds[kind]()
+
     def __init__(self):
         self._storage = _Storage()
         self._threads = None

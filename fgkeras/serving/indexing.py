@@ -109,7 +109,7 @@ def build_version_index(model_dir, ids, embeddings, out=None, gallery=None, kind
         an `IndexReport`.
     """
     from fgkeras.export import model_record
-    from fgkeras.index import ExactIndex, ScannIndex
+    from fgkeras.index import Index
     from fgkeras.serving.protos import inventory_pb2
     from fgkeras.serving.wal import read_entries
 
@@ -139,7 +139,7 @@ def build_version_index(model_dir, ids, embeddings, out=None, gallery=None, kind
     report.gallery_items = len(items) - report.log_upserts
     if not items:
         raise ValueError("nothing to index: the gallery holds no readable image and the inventory's log no live item")
-    index = ScannIndex() if kind == "scann" else ExactIndex()
+    index = Index.of_kind(kind)
     index.build(np.stack(list(items.values())), list(items))
     index.metadata = {"model": record, "log_seq": report.log_seq, "gallery": gallery}
     index.save(out)

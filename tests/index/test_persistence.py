@@ -291,3 +291,11 @@ def test_a_saved_index_is_readable_by_another_user(kind, rng, tmp_path, umask_02
         assert ("scann" in found) == (kind != "exact")
         expected = {path: 0o755 if os.path.isdir(tmp_path / "ix" / path) else 0o644 for path in found}
         assert found == expected
+
+
+def test_an_index_is_made_from_its_kind_and_an_unknown_kind_is_refused():
+    from fgkeras.index import ExactIndex, Index, ScannIndex
+
+    assert type(Index.of_kind("exact")) is ExactIndex and type(Index.of_kind("scann")) is ScannIndex
+    with pytest.raises(ValueError, match=r"one of \['exact', 'scann'\]. Received: kind='faiss'"):
+        Index.of_kind("faiss")
