@@ -190,33 +190,51 @@ def _claim_file(path):
     return False
 
 
-def train_and_measure(config, load_splits, metrics, store):
-    """Trains one run of `config` and adds it, with its test metrics and seconds, to `store`.
+def add_store_options(parser):
+    """The options of a benchmark whose runs are kept in a `RunStore`: `--stored-only`, `--threads`."""
+    parser.add_argument("--stored-only", action="store_true",
+                        help="train nothing: the table of the runs already in results/<topic>.jsonl")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="TensorFlow's threads per op; to use 2 cores, start the same command twice "
+                             "with --threads 1: the processes share the runs (see RunStore.claim)")
 
-    `load_splits()` gives `(train_set, test_set)`; it is called only when the run is trained.
-    """
+
+def set_threads(args):
+    """`--threads N` as TensorFlow's intra-op thread count (its own default when absent)."""
+    if args.threads is not None:
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+
+
+def retrieval_run(load_splits, metrics):
+    """A `train` for `measured_run`: trains a config by `experiments.train` and gives its test
+    `metrics`, seconds and epochs. `load_splits()` gives `(train_set, test_set)`; it is called
+    only when a run is trained."""
     from fgkeras import experiments
 
-    train_set, test_set = load_splits()
-    start = time.perf_counter()
-    model, history = experiments.train(config, train_set=train_set, verbose=0)
-    seconds = time.perf_counter() - start
-    result = experiments.evaluate(model.embedder, test_set, config)
-    epochs = len(history.history.get("loss", [])) if history is not None else None
-    return store.add(config, {"method": config.train.method, "seed": config.train.seed,
-                              "train_seconds": round(seconds), "epochs_run": epochs,
-                              **{key: float(result[key]) for key in metrics}})
+    def train(config):
+        train_set, test_set = load_splits()
+        start = time.perf_counter()
+        model, history = experiments.train(config, train_set=train_set, verbose=0)
+        seconds = time.perf_counter() - start
+        result = experiments.evaluate(model.embedder, test_set, config)
+        epochs = len(history.history.get("loss", [])) if history is not None else None
+        return {"method": config.train.method, "seed": config.train.seed, "train_seconds": round(seconds),
+                "epochs_run": epochs, **{key: float(result[key]) for key in metrics}}
+
+    return train
 
 
-def measured_run(config, load_splits, metrics, store, train_missing=True):
-    """The run of `config` in `store`, else trained here unless another process has claimed it
-    (`RunStore.claim`) or `train_missing` is False; None when it is not (yet) there."""
+def measured_run(config, store, train, train_missing=True):
+    """The run of `config` in `store`, else `train(config)` (a dict of its figures, added to
+    `store`) unless another process has claimed it (`RunStore.claim`) or `train_missing` is
+    False; None when it is not (yet) there."""
     store.reload()
     run = store.get(config)
     if run is None and train_missing:
         with store.claim(config) as mine:
             if mine:
-                run = train_and_measure(config, load_splits, metrics, store)
+                run = store.add(config, train(config))
     return run
 
 
@@ -263,10 +281,10 @@ def compare_variants(base_config, variants, seeds, metrics, store=None, train_mi
     for seed in seeds:
         config = configs.ExperimentConfig.from_dict(base_config.to_dict())
         config.train.seed = seed
-        load_splits = functools.cache(functools.partial(experiments.load_data, config.data))  # only if trained
+        train = retrieval_run(functools.cache(functools.partial(experiments.load_data, config.data)), metrics)
         for label, overrides in variants.items():
             variant = configs.override(configs.ExperimentConfig.from_dict(config.to_dict()), overrides)
-            run = measured_run(variant, load_splits, metrics, store, train_missing)
+            run = measured_run(variant, store, train, train_missing)
             if run is None:
                 continue
             per_variant[label].append(run)

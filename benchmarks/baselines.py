@@ -91,19 +91,8 @@ def comparison_parser(description):
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--skip-cars", action="store_true")
     parser.add_argument("--only-cars", action="store_true")
-    parser.add_argument("--stored-only", action="store_true",
-                        help="train nothing: the table of the runs already in results/<topic>.jsonl")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="TensorFlow's threads per op; to use 2 cores, start the same command twice "
-                             "with --threads 1: the processes share the runs (see _common.RunStore.claim)")
+    _common.add_store_options(parser)
     return parser
-
-
-def set_threads(args):
-    """`--threads N` as TensorFlow's intra-op thread count (its own default when absent)."""
-    if args.threads is not None:
-        import tensorflow as tf
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
 
 
 def configured_datasets(args):
@@ -116,7 +105,7 @@ def configured_datasets(args):
 
 def main():
     args = comparison_parser(__doc__).parse_args()
-    set_threads(args)
+    _common.set_threads(args)
     for slug, name, config in configured_datasets(args):
         variants = {method: [f"train.method={method}"] for method in METHODS}
         store = _common.RunStore(f"baselines_{slug}", enabled=not args.smoke)

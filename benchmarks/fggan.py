@@ -15,8 +15,12 @@ Same S backbone, same pre-trained S (cached by config hash), same number of imag
     python benchmarks/fggan.py --smoke           # seconds-to-minutes, checks the path
     python benchmarks/fggan.py --steps 300       # a short real run (indicative)
     python benchmarks/fggan.py                   # the default run (about an hour on 2 cores)
+    python benchmarks/fggan.py --study --seeds 1 --steps 300   # G's collapse: one change each
 
-Writes benchmarks/results/fggan_synthetic.md (`--smoke`: fggan_smoke.md).
+Every finished run is kept in benchmarks/results/<topic>.jsonl (`_common.RunStore`): the same
+command started twice with `--threads 1` plays two runs at once, `--stored-only` prints the table.
+Writes benchmarks/results/fggan_synthetic.md (`--study`: fggan_study.md, `--smoke`: fggan_smoke.md;
+`<topic>_progress.md` while runs are missing).
 """
 
 import argparse
@@ -42,8 +46,11 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, help="default: the config's (64 px)")
     parser.add_argument("--cache-dir", default="runs/cache/fggan_semantic")
     parser.add_argument("--topic", help="results file name (default: fggan_synthetic, or fggan_smoke)")
+    parser.add_argument("--study", action="store_true",
+                        help="the study of G's collapse instead: GDNS with one change each (`STUDY`)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key for every run, e.g. --set fggan.lam=0.1 (repeatable)")
+    _common.add_store_options(parser)
     return parser.parse_args(argv)
 
 
@@ -109,42 +116,82 @@ def fine_tune_alone(config, train_set, steps):
     return semantic
 
 
-def run(args):
-    import numpy as np
+# The study of G's collapse (`--study`): GDNS runs, each with one change to the paper's settings.
+STUDY = {
+    "GDNS": [],
+    "GDNS, λ 0.1": ["fggan.lam=0.1"],
+    "GDNS, λ 0": ["fggan.lam=0"],
+    "GDNS, S term 0.1": ["fggan.semantic_weight=0.1"],
+    "GDNS, S rate 2e-5": ["fggan.semantic_learning_rate=2e-5"],
+    "GDNS, G warm-up 300": ["fggan.generator_warmup_steps=300"],
+    "GDNS, G skips": ["fggan.generator_skips=true"],
+    "GDNS, G skips + warm-up 300": ["fggan.generator_skips=true", "fggan.generator_warmup_steps=300"],
+}
+ABLATIONS = ("CAE", "GD", "GDN*", "GDN")  # 1 seed each, indicative
 
+
+def games(args):
+    """label -> overrides of every game this invocation plays (each also gets S and S ft)."""
+    if args.study:
+        return dict(STUDY)
+    variants = args.variants.split(",") if args.variants else ["GDN*S", "GDNS", *(ABLATIONS if args.full else ())]
+    return {variant: [f"train.variant={variant}"] for variant in variants}
+
+
+def measure(label, config, splits):
+    """Trains the embedder `label` names ("S", "S ft" or a game) and evaluates every feature of it."""
     from fgkeras import experiments
     from fgkeras.models import CanonicalEmbedder
 
-    variants = ["GDN*S", "GDNS"] + (["CAE", "GD", "GDN*", "GDN"] if args.full else [])
-    if args.variants:
-        variants = args.variants.split(",")
-    rows, seconds = [], {}
+    train_set, test_set = splits()
+    start = time.perf_counter()
+    if label == "S":
+        generator, semantic = None, experiments.pretrained_semantic(config, train_set, verbose=0)[0]
+    elif label == "S ft":
+        steps = config.train.epochs * config.train.steps_per_epoch
+        generator, semantic = None, fine_tune_alone(config, train_set, steps)
+    else:
+        game, _ = experiments.train(config, train_set=train_set, verbose=0)
+        generator, semantic = game.generator, game.semantic
+    seconds = time.perf_counter() - start
+    features = {feature: protocols(CanonicalEmbedder(generator, semantic, feature=feature), train_set, test_set,
+                                   config) for feature in FEATURES}
+    return {"method": label, "seed": config.train.seed, "train_seconds": round(seconds), "features": features}
+
+
+def run(args, topic):
+    """Rows of every embedder and feature over the seeds, from the store or trained here.
+
+    Every run is kept in `results/<topic>.jsonl` (`_common.RunStore`), so the same command
+    started twice (`--threads 1` each) plays two runs at once and a run cut short is the only
+    one lost. Returns `(rows, seconds, config, labels, complete)`.
+    """
+    import functools
+
+    from fgkeras import configs, experiments
+
+    store = _common.RunStore(topic, enabled=not args.smoke)
+    labels = {"S": ["train.variant=S"], "S ft": ["train.variant=S ft"], **games(args)}
+    rows, seconds, complete = [], {}, True
     for seed in range(args.seeds):
         config = make_config(args, seed)
-        train_set, test_set = experiments.load_data(config.data)
-        steps = config.train.epochs * config.train.steps_per_epoch
-        start = time.perf_counter()
-        semantic, _ = experiments.pretrained_semantic(config, train_set, verbose=0)
-        seconds.setdefault("S pre-training (or cache)", []).append(time.perf_counter() - start)
-        embedders = {"S": (None, semantic)}
-        start = time.perf_counter()
-        embedders["S ft"] = (None, fine_tune_alone(config, train_set, steps))
-        seconds.setdefault("S ft", []).append(time.perf_counter() - start)
-        for variant in variants:
-            if seed > 0 and variant not in ("GDN*S", "GDNS"):
-                continue  # the ablations: 1 seed, indicative
-            config.train.variant = variant
-            start = time.perf_counter()
-            game, _ = experiments.train(config, train_set=train_set, verbose=0)
-            seconds.setdefault(variant, []).append(time.perf_counter() - start)
-            embedders[variant] = (game.generator, game.semantic)
-        for method, (generator, semantic) in embedders.items():
-            for feature in FEATURES:
-                embedder = CanonicalEmbedder(generator, semantic, feature=feature)
-                name = method if feature == "embedding" else f"{method} + {feature.upper()}"
-                rows.append({"method": name, "seed": seed, **protocols(embedder, train_set, test_set, config)})
-                logging.info("%s seed %d: unseen mAP@10 %.3f", name, seed, rows[-1]["unseen map@10"])
-    return rows, seconds, config, variants
+        splits = functools.cache(functools.partial(experiments.load_data, config.data))
+        for label, overrides in labels.items():
+            if seed > 0 and label in ABLATIONS:
+                continue
+            keyed = configs.override(configs.ExperimentConfig.from_dict(config.to_dict()), overrides)
+            result = _common.measured_run(keyed, store, functools.partial(measure, label, splits=splits),
+                                          train_missing=not args.stored_only)
+            if result is None:
+                complete = False
+                continue
+            seconds.setdefault(label, []).append(result["train_seconds"])
+            for feature, row in result["features"].items():
+                name = label if feature == "embedding" else f"{label} + {feature.upper()}"
+                rows.append({"method": name, "seed": seed, **row})
+                if feature == "embedding":
+                    logging.info("%s seed %d: unseen mAP@10 %.3f", name, seed, row["unseen map@10"])
+    return rows, seconds, config, list(labels), complete
 
 
 def summarise(rows):
@@ -163,19 +210,36 @@ def summarise(rows):
     return summary
 
 
-def goal(summary):
-    """GDNS's relative unseen mAP@10 over the best of S ft and S ft + aggregation."""
-    by = {r["method"]: r for r in summary}
-    if "GDNS" not in by:
+def _best_feature(by_method, label):
+    return max((row for method, row in by_method.items() if method == label or method.startswith(f"{label} +")),
+               key=lambda row: row["unseen map@10"], default=None)
+
+
+def against_rival(summary, games):
+    """Each game's best feature against the best of S ft and S ft + aggregation (unseen mAP@10, %)."""
+    by_method = {row["method"]: row for row in summary}
+    rival = _best_feature(by_method, "S ft")
+    rows = []
+    for label in games:
+        best = _best_feature(by_method, label)
+        if best is None or rival is None:
+            continue
+        rows.append({"game": label, "best feature": best["method"], "seeds": best["seeds"],
+                     "unseen map@10": f"{100 * best['unseen map@10']:.1f}", "spread": f"{100 * best['spread']:.1f}",
+                     "rival": rival["method"], "rival map@10": f"{100 * rival['unseen map@10']:.1f}",
+                     "relative gain": f"{100 * (best['unseen map@10'] / rival['unseen map@10'] - 1):+.1f} %"})
+    return rows
+
+
+def goal(rows):
+    """The issue's goal, from `against_rival`'s GDNS row."""
+    gdns = next((row for row in rows if row["game"] == "GDNS"), None)
+    if gdns is None:
         return "GDNS was not run."
-    rivals = {m: r["unseen map@10"] for m, r in by.items() if m == "S ft" or m.startswith("S ft +")}
-    best = max(rivals, key=rivals.get)
-    gdns = max((r for m, r in by.items() if m == "GDNS" or m.startswith("GDNS +")), key=lambda r: r["unseen map@10"])
-    gain = gdns["unseen map@10"] / rivals[best] - 1
-    verdict = "met" if gain >= 0.05 and gdns["seeds"] >= 2 else "not met"
-    return (f"Best GDNS feature: {gdns['method']}, unseen mAP@10 {100 * gdns['unseen map@10']:.1f} "
-            f"(spread between seeds {100 * gdns['spread']:.1f}); best rival: {best}, {100 * rivals[best]:.1f}. "
-            f"Relative gain {100 * gain:+.1f} % → goal (>= +5 %, >= 2 seeds) {verdict}.")
+    met = float(gdns["relative gain"].split()[0]) >= 5 and gdns["seeds"] >= 2
+    return (f"Best GDNS feature: {gdns['best feature']}, unseen mAP@10 {gdns['unseen map@10']} (spread between "
+            f"seeds {gdns['spread']}); best rival: {gdns['rival']}, {gdns['rival map@10']}. Relative gain "
+            f"{gdns['relative gain']} → goal (>= +5 %, >= 2 seeds) {'met' if met else 'not met'}.")
 
 
 def main(argv=None):
@@ -185,8 +249,12 @@ def main(argv=None):
         args.seeds = min(args.seeds, 1)
     from fgkeras.evaluation import format_table
 
-    rows, seconds, config, variants = run(args)
+    _common.set_threads(args)
+    topic = args.topic or ("fggan_smoke" if args.smoke else "fggan_study" if args.study else "fggan_synthetic")
+    rows, seconds, config, labels, complete = run(args, topic)
+    games_run = labels[2:]
     summary = summarise(rows)
+    gains = against_rival(summary, games_run)
     columns = ["method", "seeds", "unseen map@5", "unseen map@10", "unseen map@20", "unseen p@10", "spread",
                "stock map@10", "mixed map@10", "growing map@10"]
     steps = config.train.epochs * config.train.steps_per_epoch
@@ -197,18 +265,20 @@ def main(argv=None):
              f"cached); then {steps} steps of batches of "
              f"{config.train.classes_per_batch * config.train.images_per_class} for S ft and for each game "
              f"(G, D, N width {config.fggan.width}, Adam 2e-4 β1 0.5). Seeds: {args.seeds} "
-             f"(CAE/GD/GDN*/GDN: 1). Variants: {', '.join(variants)}. All figures on the unseen classes.")
+             f"(CAE/GD/GDN*/GDN: 1). Games: {', '.join(games_run)}. All figures on the unseen classes.")
     timing = "\n".join(f"- {name}: {', '.join(f'{s:.0f} s' for s in values)}" for name, values in seconds.items())
-    topic = args.topic or ("fggan_smoke" if args.smoke else "fggan_synthetic")
-    path = _common.write_results(topic, [
+    gain_keys = ["game", "best feature", "seeds", "unseen map@10", "spread", "rival", "rival map@10", "relative gain"]
+    path = _common.write_results(topic if complete else f"{topic}_progress", [
         ("Setup", setup),
-        ("Goal", goal(summary)),
+        ("Goal", goal(gains)),
+        ("Each game against S fine-tuned alone (unseen mAP@10, %)", format_table(gains, keys=gain_keys)),
         ("Retrieval on the unseen classes (mean over seeds; mAP and P in %)", format_table(summary, keys=columns)),
         ("Per seed", format_table(rows, keys=["method", "seed", "unseen map@10", "stock map@10", "mixed map@10"])),
         ("Wall time", timing),
     ])
     print(format_table(summary, keys=columns))
-    print(goal(summary))
+    print(format_table(gains, keys=gain_keys))
+    print(goal(gains))
     print(f"Written to {path}")
 
 

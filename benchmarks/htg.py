@@ -11,7 +11,7 @@ present), mean ± std over seeds; then the step-time ratios on one batch.
 import _common
 import keras
 import numpy as np
-from baselines import METRICS, budget, comparison_parser, configured_datasets, set_threads
+from baselines import METRICS, budget, comparison_parser, configured_datasets
 
 from fgkeras.evaluation import format_table
 from fgkeras.models import build_baseline, build_embedder, build_htg
@@ -98,7 +98,7 @@ def main():
     parser.add_argument("--restart-control", action="store_true",
                         help="also run every variant with train.restart_schedule=true, in the same table")
     args = parser.parse_args()
-    set_threads(args)
+    _common.set_threads(args)
 
     variants, prefix = (ABLATIONS, "htg_ablations") if args.ablations else (VARIANTS, "htg")
     if args.restart_control:

@@ -5,7 +5,7 @@ mAP@R on classes 99–196; each rung adds one change to the rung above, so a row
 row above is that change's:
 
   from scratch, last epoch        no held-out classes, no augmentation, Adam, ResNet-18 width 0.5
-  + held-out model selection      20 % of the train classes held out; the best epoch's weights, early stopping
+  + held-out model selection      20 % of the train classes held out; the best epoch's weights, no early stop
   + Augment.standard()            flips, crops, colour jitter
   + weight decay                  decoupled, `--weight-decay`
   + width 0.25                    a narrower backbone
@@ -22,7 +22,7 @@ twice with `--threads 1` trains two runs at once.
 import os
 
 import _common
-from baselines import METRICS, budget, comparison_parser, set_threads
+from baselines import METRICS, budget, comparison_parser
 
 from fgkeras import configs, experiments
 from fgkeras.evaluation import format_table, handcrafted_metrics
@@ -34,7 +34,7 @@ def ladder(weight_decay):
     """(label, overrides) of each rung, the overrides of every rung above included."""
     rungs = [("from scratch, last epoch", []),
              ("+ held-out model selection", ["train.validation_classes=0.2", "train.restore_best=true",
-                                             "train.patience=5"]),
+                                             "train.patience=0"]),
              ("+ Augment.standard()", ["data.augment=true"]),
              (f"+ weight decay {weight_decay:g}", [f"train.weight_decay={weight_decay}"]),
              ("+ width 0.25", ["model.width=0.25"])]
@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--rungs", type=int, default=len(ladder(0)), help="run the first N rungs only")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     args = parser.parse_args()
-    set_threads(args)
+    _common.set_threads(args)
     if not os.path.exists(_common.SHARED_CARS196):
         parser.exit(0, f"cars196_half not found at {_common.SHARED_CARS196}: nothing to measure\n")
     base = configs.get_config("cars196")
@@ -70,14 +70,14 @@ def main():
     store = _common.RunStore("real_data_cars196", enabled=not args.smoke)
     sections = [("Hand-made features, the same test images", format_table(floor_rows, keys=["method", *METRICS]))]
     rungs, complete = ladder(args.weight_decay)[:args.rungs], True
+    train = _common.retrieval_run(lambda: (train_set, test_set), METRICS)
     for method in args.methods.split(","):
         runs_by_label = {}
         for label, overrides in rungs:
             for seed in range(args.seeds):
                 config = configs.override(configs.ExperimentConfig.from_dict(base.to_dict()),
                                           [*overrides, f"train.method={method}", f"train.seed={seed}"])
-                run = _common.measured_run(config, lambda: (train_set, test_set), METRICS, store,
-                                           train_missing=not args.stored_only)
+                run = _common.measured_run(config, store, train, train_missing=not args.stored_only)
                 if run is None:
                     continue  # another process trains it (or --stored-only)
                 print(f"{method} seed {seed} {label}: " + ", ".join(f"{k} {run[k]:.3f}" for k in METRICS)

@@ -233,6 +233,17 @@ def test_generator_keeps_the_image_size_and_the_pixel_range():
                                                  if isinstance(l, keras.layers.Conv2D)]
 
 
+@pytest.mark.parametrize("skips", [False, True])
+def test_only_a_generator_with_skips_passes_its_input_around_the_bottleneck(skips):
+    generator = build_generator(32, base_width=4, skips=skips)
+    bottleneck = generator.get_layer(f"down{fggan.default_depth(32)}")
+    bottleneck.set_weights([np.zeros_like(w) for w in bottleneck.get_weights()])
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype("uint8")
+    out = np.asarray(generator(images, training=False))
+    assert out.shape == (2, 32, 32, 3)
+    assert np.abs(out[0] - out[1]).max() > 1e-3 if skips else np.allclose(out[0], out[1])
+
+
 # --- the retrieval embedder ----------------------------------------------------------------------
 
 def _hand_pooled(maps, feature):
