@@ -46,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, help="default: the config's (64 px)")
     parser.add_argument("--cache-dir", default="runs/cache/fggan_semantic")
     parser.add_argument("--topic", help="results file name (default: fggan_synthetic, or fggan_smoke)")
+    parser.add_argument("--step-time", action="store_true",
+                        help="only the step-time ratio: one GDNS step against its players' separate steps")
     parser.add_argument("--study", action="store_true",
                         help="the study of G's collapse instead: GDNS with one change each (`STUDY`)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -210,6 +212,78 @@ def summarise(rows):
     return summary
 
 
+def step_time_ratio(image_size=64, width=0.5, base_width=32, pairs=32, steps=10):
+    """One GDNS `train_step` against the sum of its players' separate steps, on one batch.
+
+    The separate steps are what a strictly alternating Alg. 1 would run: D, N and S each a
+    forward-backward on their own inputs (G's images computed once, outside), and G's step a
+    forward through every player and a backward into G. Each applies its own optimizer.
+    Returns `(ratio, fused_seconds, separate_seconds)` per step (goal: ratio <= 1.15).
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from fgkeras import models
+    from fgkeras.models import fggan
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    batch = {key: tf.constant(rng.integers(0, 256, (pairs, image_size, image_size, 3)).astype("float32"))
+             for key in ("image", "canonical", "positive")}
+    batch["label"] = tf.constant(np.repeat(np.arange(pairs // 4), 4).astype("int32"))
+    semantic = models.build_embedder("resnet18", width=width, image_size=image_size)
+    game = models.build_fggan(semantic, pairs // 4, image_size, base_width=base_width)
+    game.compile()
+    real, labels = batch["image"], batch["label"]
+    generated = game.generator(real, training=True)
+
+    def step(name, loss_of):
+        variables, optimizer = game.player_variables(name), game.optimizers[name]
+
+        @tf.function
+        def run():
+            with tf.GradientTape() as tape:
+                loss = loss_of()
+            optimizer.apply(tape.gradient(loss, variables), variables)
+            return loss
+        return run
+
+    def discriminator_loss():
+        logits = game.discriminator(tf.concat([real, generated], 0), training=True)
+        return fggan._binary_loss(logits[:pairs], 1.0) + fggan._binary_loss(logits[pairs:], 0.0)
+
+    def normalizer_loss():
+        pairs_in = tf.concat([fggan.make_pairs(batch["positive"], batch["canonical"]),
+                              fggan.make_pairs(generated, batch["canonical"])], 0)
+        logits = game.normalizer(pairs_in, training=True)
+        return fggan._binary_loss(logits[:pairs], 1.0) + fggan._binary_loss(logits[pairs:], 0.0)
+
+    def semantic_loss():
+        logits = game.classifier(game.semantic.features(tf.concat([real, generated], 0), training=True))
+        return fggan._softmax_loss(labels, logits[:pairs]) + fggan._softmax_loss(labels, logits[pairs:])
+
+    def generator_loss():
+        return game._generator_loss(game._play(batch, training=True))
+
+    separate = [step("discriminator", discriminator_loss), step("normalizer", normalizer_loss),
+                step("semantic", semantic_loss), step("generator", generator_loss)]
+    fused = tf.function(game.train_step)
+
+    def seconds_per_step(functions):
+        for function in functions:
+            function()  # traces
+        start = time.perf_counter()
+        for _ in range(steps):
+            for function in functions:
+                function()
+        return (time.perf_counter() - start) / steps
+
+    fused_seconds = seconds_per_step([lambda: fused(batch)])
+    separate_seconds = seconds_per_step(separate)
+    return fused_seconds / separate_seconds, fused_seconds, separate_seconds
+
+
 def _best_feature(by_method, label):
     return max((row for method, row in by_method.items() if method == label or method.startswith(f"{label} +")),
                key=lambda row: row["unseen map@10"], default=None)
@@ -250,6 +324,14 @@ def main(argv=None):
     from fgkeras.evaluation import format_table
 
     _common.set_threads(args)
+    if args.step_time:
+        ratio, fused, separate = step_time_ratio()
+        text = (f"- one GDNS step / the sum of its players' separate steps: **{ratio:.2f}** (goal ≤ 1.15)\n"
+                f"- seconds per step: fused {fused:.3f}, separate {separate:.3f} (64 px, 32 pairs, S = ResNet-18 "
+                f"width 0.5, G, D, N width 32; 10 steps after tracing)")
+        print(text)
+        print("wrote", _common.write_results("fggan_step_time", [("Step time", text)]))
+        return
     topic = args.topic or ("fggan_smoke" if args.smoke else "fggan_study" if args.study else "fggan_synthetic")
     rows, seconds, config, labels, complete = run(args, topic)
     games_run = labels[2:]
