@@ -15,7 +15,7 @@ logger = logging.getLogger("fgkeras")
 def _config(args):
     from fgkeras import configs
 
-    config = configs.get_config(args.config)
+    config = configs.load_config(args.config)
     if getattr(args, "method", None):
         config.train.method = args.method
     if args.smoke:
@@ -28,7 +28,7 @@ def _config(args):
 
 def _add_config_arguments(parser, default_config):
     parser.add_argument("--config", default=default_config,
-                        help="experiment configuration name (default: %(default)s)")
+                        help="experiment configuration: a name, or a JSON file (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="shrink everything to seconds")
