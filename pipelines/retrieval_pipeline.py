@@ -12,11 +12,11 @@ writes its artefact under `root/<step>/`:
 | step | artefact | inputs (besides the upstream artefacts named) | TFX |
 |---|---|---|---|
 | `ingest` | `images/`, `train.csv`, `gallery.csv` | `data.*`; the source's files, by content | ExampleGen |
-| `train` | `model.keras`, `embedder.keras`, `history.json` | ingest; `data.image_size`, `data.augment`, `model.*`, `train.*`, `fggan.*`, `eval.batch_size` | Trainer |
-| `evaluate` | `metrics.json` (retrieval on the gallery's unseen classes) | ingest, train; `data.image_size`, `eval.batch_size` | Evaluator |
+| `train` | `model.keras`, `embedder.keras`, `history.json` | ingest's train split; `data.image_size`, `data.augment`, `model.*`, `train.*`, `fggan.*`, `eval.batch_size` | Trainer |
+| `evaluate` | `metrics.json` (retrieval on the gallery's unseen classes) | ingest's gallery, train; `data.image_size`, `eval.batch_size` | Evaluator |
 | `bless` | `blessing.json` (the decision) | evaluate; `pipeline.metric`, `pipeline.threshold`, the serving root | Evaluator's blessing |
 | `export` | `<name>/0/`: the candidate SavedModel, warmup requests, model card | train, evaluate, bless; `data.image_size`, the name | Trainer's export |
-| `embed_gallery` | `embeddings/`, `dead_letter/` (`pipelines.embedding_records`) | ingest, export; `pipeline.batch_size`, `pipeline.num_shards`, Beam or in process | (BulkInferrer) |
+| `embed_gallery` | `embeddings/`, `dead_letter/` (`pipelines.embedding_records`) | ingest's gallery, export; `pipeline.batch_size`, `pipeline.num_shards`, Beam or in process | (BulkInferrer) |
 | `index` | `index/` (an `fgkeras.index` index of the candidate's vectors) | embed_gallery, export; `pipeline.index_kind` | |
 | `push` | `push.json`; at the serving root `saved_models/<name>/<v>/` and `indexes/<name>/<v>/` | export, index, bless; the serving root, the name | Pusher |
 
@@ -279,7 +279,7 @@ def _inputs(context, step):
     values = {"pipeline": {**dataclasses.asdict(context.settings), "name": context.name}, **context.config.to_dict()}
     inputs = {
         "config": {key: _lookup(values, key) for key in keys},
-        "artefacts": {name: context.manifests[name]["outputs"]["digest"] for name in upstream},
+        "artefacts": {reference: _artefact_digest(context, reference) for reference in upstream},
     }
     if step == "ingest":
         inputs["files"] = _source_files(context.config.data)
@@ -290,16 +290,32 @@ def _inputs(context, step):
     return inputs
 
 
+# Per step: the artefacts it reads ("step", or "step:part" for a part of one) and the config keys.
 _STEP_INPUTS = {
     "ingest": ((), ("data",)),
-    "train": (("ingest",), ("data.image_size", "data.augment", "model", "train", "fggan", "eval.batch_size")),
-    "evaluate": (("ingest", "train"), ("data.image_size", "eval.batch_size")),
+    "train": (("ingest:train",), ("data.image_size", "data.augment", "model", "train", "fggan", "eval.batch_size")),
+    "evaluate": (("ingest:gallery", "train"), ("data.image_size", "eval.batch_size")),
     "bless": (("evaluate",), ("pipeline.metric", "pipeline.threshold", "pipeline.name")),
     "export": (("train", "evaluate", "bless"), ("data.image_size", "pipeline.name")),
-    "embed_gallery": (("ingest", "export"), ("pipeline.batch_size", "pipeline.num_shards")),
+    "embed_gallery": (("ingest:gallery", "export"), ("pipeline.batch_size", "pipeline.num_shards")),
     "index": (("embed_gallery", "export"), ("pipeline.index_kind", "pipeline.name")),
     "push": (("export", "index", "bless"), ("pipeline.name",)),
 }
+
+
+# The parts of an artefact that steps read separately: (CSV, image folder) of each split of ingest's.
+_PARTS = {"ingest": {"train": (TRAIN_CSV, "images/train/"), "gallery": (GALLERY_CSV, "images/gallery/")}}
+
+
+def _artefact_digest(context, reference):
+    """The digest of an upstream artefact, or of a part of it ("ingest:gallery": train does not read it)."""
+    step, _, part = reference.partition(":")
+    outputs = context.manifests[step]["outputs"]
+    if not part:
+        return outputs["digest"]
+    csv_name, folder = _PARTS[step][part]
+    return _listing_digest({relative: entry for relative, entry in outputs["files"].items()
+                            if relative == csv_name or relative.startswith(folder)})
 
 
 def _lookup(values, key):
