@@ -52,6 +52,9 @@ Design decisions:
 - `embed_gallery` uses the Beam pipeline (`pipelines.embed_gallery`, DirectRunner) when apache_beam
   imports (`pipeline.embedding=auto`), else the SavedModel in process; both write the same
   embedding and dead-letter files, and the manifest says which ran (Beam also writes index shards).
+  Apache Beam needs protobuf < 7 and `fgkeras.serving` (the push step) protobuf 7, so on the pinned
+  platform they live in two environments: `pipeline.beam_python` names the Beam environment's
+  interpreter, and the step runs `python -m pipelines.embed_gallery` there (docs/scale_out.md).
 - Code is not an input: after upgrading fgkeras, run in a new root (or delete the step directories
   to redo). One run per root at a time (`root/.lock`).
 - `push` is the one step with an effect outside the root: a run killed after a version was renamed
@@ -97,6 +100,8 @@ class PipelineConfig:
             at least the serving version's minus `threshold`.
         embedding: "auto" (the Beam pipeline when apache_beam imports, else in process), "beam" or
             "in_process".
+        beam_python: the Python of an environment where Apache Beam imports (e.g. venv-beam/bin/python):
+            the gallery is then embedded by the Beam pipeline run there (with "auto" or "beam").
         batch_size: images per call of the SavedModel when embedding the gallery.
         num_shards: index shards of the Beam pipeline.
         index_kind: "exact" or "scann".
@@ -106,6 +111,7 @@ class PipelineConfig:
     metric: str = "recall@1"
     threshold: float = 0.0
     embedding: str = "auto"
+    beam_python: str = ""
     batch_size: int = 64
     num_shards: int = 1
     index_kind: str = "exact"
@@ -286,7 +292,7 @@ def _inputs(context, step):
     if step in ("bless", "push"):
         inputs["serving_root"] = _relative_to_root(context, context.serving_root)
     if step == "embed_gallery":
-        inputs["embedding"] = _embedding_method(context.settings.embedding)
+        inputs["embedding"] = _embedding_method(context.settings)
     return inputs
 
 
@@ -370,9 +376,13 @@ def _relative_to_root(context, path):
     return path if relative.startswith("..") else relative
 
 
-def _embedding_method(embedding):
+def _embedding_method(settings):
+    """"in_process", "beam" (here) or "beam_python" (`pipeline.beam_python`'s environment)."""
+    embedding = settings.embedding
     if embedding == "in_process":
         return embedding
+    if settings.beam_python:
+        return "beam_python"
     try:
         from pipelines import embed_gallery  # noqa: F401  (imports apache_beam)
     except ImportError as error:
@@ -540,8 +550,10 @@ def _embed_gallery(context, out):
 
     images = os.path.join(context.step_dir("ingest"), GALLERY_CSV)
     settings = context.settings
-    method = _embedding_method(settings.embedding)
-    if method == "beam":
+    method = _embedding_method(settings)
+    if method == "beam_python":
+        embedded, dead = _embed_in_beam_environment(context, images, out)
+    elif method == "beam":
         from pipelines import embed_gallery
 
         report = embed_gallery.run(context.candidate, images, out, kind="exact", num_shards=settings.num_shards,
@@ -555,7 +567,33 @@ def _embed_gallery(context, out):
         embedding_records.write_local(out, ids, vectors, dead)
         embedded = len(ids)
     metrics = {"method": method, "embedded": embedded, "dead_letters": len(dead)}
-    return metrics, f"{embedded} images ({method.replace('_', ' ')}), {len(dead)} dead letters"
+    shown = {"in_process": "in process", "beam": "Beam", "beam_python": "Beam, in pipeline.beam_python"}[method]
+    return metrics, f"{embedded} images ({shown}), {len(dead)} dead letters"
+
+
+def _embed_in_beam_environment(context, images, out):
+    """Runs `python -m pipelines.embed_gallery` with `pipeline.beam_python`; `(embedded, dead letters)`."""
+    import subprocess
+
+    from pipelines import embedding_records
+
+    settings = context.settings
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    command = [settings.beam_python, "-m", "pipelines.embed_gallery", "--model", context.candidate, "--images", images,
+               "--out", out, "--index", "exact", "--num_shards", str(settings.num_shards),
+               "--batch_size", str(settings.batch_size)]
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
+    if finished.returncode != 0:
+        raise RuntimeError(f"The Beam pipeline failed ({' '.join(command)}, exit {finished.returncode}):\n"
+                           f"{finished.stderr[-3000:]}")
+    files = sorted(glob.glob(os.path.join(out, embedding_records.EMBEDDINGS_DIR, "embeddings-*.tfrecord")))
+    ids, _ = embedding_records.read_embedding_files(files)
+    dead = []
+    for path in sorted(glob.glob(os.path.join(out, embedding_records.DEAD_LETTER_DIR, "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            dead += [(record["path"], record["reason"]) for record in map(json.loads, filter(str.strip, f))]
+    return len(ids), dead
 
 
 def _index(context, out):

@@ -243,3 +243,20 @@ def test_pipeline_run_help(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "CONFIG" in printed and "--root" in printed and "--serving-root" in printed and "--set" in printed
+
+
+@pytest.mark.skipif(not os.environ.get("FGKERAS_BEAM_PYTHON"),
+                    reason="FGKERAS_BEAM_PYTHON (the Python of the Beam environment, docs/scale_out.md) is not set")
+def test_the_beam_environment_embeds_the_gallery_as_in_process_embedding_does(source, completed, copy):
+    from pipelines import embedding_records
+
+    results = _run(source, copy, f"pipeline.beam_python={os.environ['FGKERAS_BEAM_PYTHON']}")
+    assert _statuses(results)["embed_gallery"] == "ran" and _statuses(results)["export"] == "skipped"
+    assert results["embed_gallery"].manifest["metrics"]["method"] == "beam_python"
+
+    def embeddings(root):
+        return embedding_records.read_embedding_files(glob.glob(str(root / "embed_gallery" / "embeddings" / "*")))
+
+    (beam_ids, beam_vectors), (ids, vectors) = embeddings(copy), embeddings(completed["root"])
+    assert beam_ids == ids
+    np.testing.assert_allclose(beam_vectors, vectors, atol=1e-5)
