@@ -247,7 +247,7 @@ def _run_step(context, step, number):
     digest = _digest(inputs)
     directory = context.step_dir(step)
     manifest = read_manifest(directory)
-    if (manifest is not None and manifest.get("inputs_digest") == digest
+    if (manifest is not None and manifest.get("format") == MANIFEST_FORMAT and manifest.get("inputs_digest") == digest
             and _listing_digest(_listing(directory)) == manifest["outputs"]["digest"]
             and _EXTERNAL_CHECKS.get(step, lambda context, manifest: True)(context, manifest)):
         logger.info("[%d/%d] %s: skipped, its inputs did not change (%s)", number, len(STEPS), step, manifest["summary"])

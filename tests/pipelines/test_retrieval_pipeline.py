@@ -173,6 +173,20 @@ def test_a_new_gate_metric_reruns_from_bless_and_pushes_a_new_version(source, co
     assert index.metadata["model"]["version"] == 2
 
 
+def test_a_candidate_worse_than_the_served_version_blocks_the_steps_after_bless(source, copy, capsys):
+    card_path = copy / "serving" / "saved_models" / NAME / "1" / "assets.extra" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"]["recall@1"] = 1.0  # the served version now claims perfect recall
+    card_path.write_text(json.dumps(card))
+    arguments = [arg for assignment in _assignments(source, "pipeline.threshold=0.01") for arg in ("--set", assignment)]
+    assert cli.main(["pipeline", "run", NAME, "--smoke", "--root", str(copy), *arguments]) == 1
+    printed = capsys.readouterr().out
+    assert "| bless | ran |" in printed and "not blessed" in printed
+    for step in ("export", "embed_gallery", "index", "push"):
+        assert f"| {step} | blocked |" in printed
+    assert list_versions(str(copy / "serving" / "saved_models" / NAME)) == [1]
+
+
 def test_a_changed_gallery_file_reruns_from_ingest_but_not_train(source, copy, tmp_path):
     moved = tmp_path / "source"
     shutil.copytree(os.path.dirname(source), moved)  # the same files: nothing reruns
