@@ -1,7 +1,10 @@
 """Durable files, shared by the index, the exports and the server: one way to fsync, write atomically
 and make directories that a serving process running as another user can read."""
 
+import ctypes
+import errno
 import os
+import shutil
 import tempfile
 
 
@@ -59,6 +62,44 @@ def write_atomic(path, data):
             os.unlink(temporary)
         raise
     fsync_dir(parent)
+
+
+def swap_in(staging, directory):
+    """Puts the complete directory `staging` at `directory` with one atomic rename.
+
+    An existing `directory` is exchanged with it (Linux `renameat2(RENAME_EXCHANGE)`) and then
+    removed. Where there is no atomic exchange, the old directory is moved aside first: a crash
+    between the two renames leaves the old one at `.<name>.old-*` and the new one at `staging`,
+    neither at `directory`, so nothing half-written is ever read from there.
+    """
+    parent = os.path.dirname(directory)
+    if not os.path.exists(directory):
+        os.rename(staging, directory)
+    elif exchange(staging, directory):
+        shutil.rmtree(staging)  # now the previous directory
+    else:
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(directory, old)
+        os.rename(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(parent)
+
+
+def exchange(a, b):
+    """Atomically exchanges two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"renameat2 exchange of {a} and {b} failed: {os.strerror(code)}")
 
 
 def preview(values, limit=5):

@@ -15,7 +15,7 @@ logger = logging.getLogger("fgkeras")
 def _config(args):
     from fgkeras import configs
 
-    config = configs.get_config(args.config)
+    config = configs.load_config(args.config)
     if getattr(args, "method", None):
         config.train.method = args.method
     if args.smoke:
@@ -28,7 +28,7 @@ def _config(args):
 
 def _add_config_arguments(parser, default_config):
     parser.add_argument("--config", default=default_config,
-                        help="experiment configuration name (default: %(default)s)")
+                        help="experiment configuration: a name, or a JSON file (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="shrink everything to seconds")
@@ -274,6 +274,23 @@ def cmd_report(args):
         print(f"Projector files written: tensorboard --logdir {os.path.join(args.run_dir, viz.report.PROJECTOR_DIR)}")
 
 
+def cmd_pipeline_run(args):
+    from pipelines import retrieval_pipeline
+
+    config, settings = retrieval_pipeline.load_config(args.config, args.set, smoke=args.smoke)
+    serving_root = args.serving_root or retrieval_pipeline.default_serving_root(args.root)
+    print(f"fgkeras pipeline: {config.name} ({config.train.method}) in {args.root}, serving root {serving_root}")
+    results = retrieval_pipeline.run(config, args.root, settings, serving_root=serving_root)
+    print(retrieval_pipeline.format_summary(results))
+    version = retrieval_pipeline.served(results, serving_root)
+    if version is None:
+        print("No version served: the candidate was not blessed or its push was refused")
+        return 1
+    model_dir, index_dir = version
+    print(f"Served: fgkeras serve --model-dir {os.path.dirname(model_dir)} --index-dir {os.path.dirname(index_dir)}")
+    return 0
+
+
 def _load_model(path):
     import keras
 
@@ -378,6 +395,21 @@ def build_parser():
     index.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     index.set_defaults(func=cmd_index)
 
+    pipeline = commands.add_parser("pipeline", help="the TFX-style retrieval pipeline: ingest, train, evaluate, "
+                                                    "bless, export, embed the gallery, index, push")
+    actions = pipeline.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="run the pipeline in a root directory; steps whose inputs did not change "
+                                         "are skipped (docs/scale_out.md)")
+    run.add_argument("config", metavar="CONFIG", help="an experiment configuration: a name, or a JSON file")
+    run.add_argument("--root", required=True, help="the pipeline root: one folder per step, with its manifest")
+    run.add_argument("--serving-root", help="where versions are pushed: saved_models/<name>/ and indexes/<name>/ "
+                                            "(default: ROOT/serving)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.epochs=3 or --set pipeline.threshold=0.01 "
+                          "(repeatable)")
+    run.add_argument("--smoke", action="store_true", help="shrink everything to seconds")
+    run.set_defaults(func=cmd_pipeline_run)
+
     search = commands.add_parser("search", help="search a running server with image files")
     search.add_argument("images", nargs="+", help="JPEG/PNG files")
     search.add_argument("--server", default="127.0.0.1:8500", help="HOST:PORT (default: %(default)s)")
@@ -421,11 +453,13 @@ def _filter_native_stderr():
 
 
 def _configure_logging(verbose):
-    """fgkeras's messages from INFO (DEBUG with -v), other libraries' from WARNING (INFO with -v)."""
+    """fgkeras's (and its pipelines') messages from INFO (DEBUG with -v), other libraries' from WARNING
+    (INFO with -v)."""
     threshold = logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(lambda record: record.levelno >= threshold or record.name.split(".")[0] == "fgkeras")
+    handler.addFilter(lambda record: record.levelno >= threshold
+                      or record.name.split(".")[0] in ("fgkeras", "pipelines"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # TensorFlow gives its logger a handler of its own when it loads before any is configured
     # (`import fgkeras` loads it): its lines go through ours alone, or they would print twice.

@@ -16,7 +16,8 @@ images (an image folder or a CSV of paths, with the ids `fgkeras index` gives th
     index/                                          the shards merged (`merge_index_shards`), by the launcher
 
 Design decisions:
-- Embeddings as TFRecords of `tf.train.Example`, not Parquet: `tf.data` reads them with no other
+- Embeddings as TFRecords of `tf.train.Example` (`pipelines.embedding_records`, which the retrieval
+  pipeline's in-process embedding writes too), not Parquet: `tf.data` reads them with no other
   library (the project is TensorFlow end to end), and they add no pyarrow pin to a platform whose
   pins are already tight (protobuf, see docs/scale_out.md).
 - An id goes to shard `blake2b(id) % num_shards`, not to the bundle that held it: the same gallery
@@ -52,14 +53,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from fgkeras.data.sources import gallery_files
 from fgkeras.export.fingerprint import model_record
 from fgkeras.export.serving_layout import resolve_model_dir
+from pipelines import embedding_records
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "fgkeras.embed_gallery"
 ID_FEATURE = "image/id"
 IMAGE_FEATURE = "image/encoded"
-EMBEDDING_FEATURE = "embedding"
-EMBEDDINGS_DIR, SHARDS_DIR, DEAD_LETTER_DIR, INDEX_DIR = "embeddings", "index_shards", "dead_letter", "index"
+EMBEDDING_FEATURE = embedding_records.EMBEDDING_FEATURE
+EMBEDDINGS_DIR, DEAD_LETTER_DIR = embedding_records.EMBEDDINGS_DIR, embedding_records.DEAD_LETTER_DIR
+SHARDS_DIR, INDEX_DIR = "index_shards", "index"
 KINDS = ("exact", "scann")
 _DEAD = "dead_letter"
 
@@ -168,16 +171,6 @@ class _EmbedBatches(beam.DoFn):
             yield item, vector
 
 
-def _example(element):
-    import tensorflow as tf
-
-    item, vector = element
-    return tf.train.Example(features=tf.train.Features(feature={
-        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[item.encode("utf-8")])),
-        EMBEDDING_FEATURE: tf.train.Feature(float_list=tf.train.FloatList(value=vector)),
-    })).SerializeToString()
-
-
 class _WriteIndexShard(beam.DoFn):
     """`(shard, [(id, vector)])` → the shard's index directory, written under `shards_dir`."""
 
@@ -271,16 +264,8 @@ def merge_index_shards(shards, out, kind=None):
 
 def read_embeddings(out):
     """`(ids, embeddings)` of the embedding files a run wrote under `out`, sorted by id."""
-    import tensorflow as tf
-
-    files = _matching(FileSystems.join(out, EMBEDDINGS_DIR, "embeddings-*.tfrecord"))
-    ids, rows = [], []
-    for record in tf.data.TFRecordDataset(files).as_numpy_iterator():
-        features = tf.train.Example.FromString(record).features.feature
-        ids.append(features["id"].bytes_list.value[0].decode("utf-8"))
-        rows.append(np.asarray(features[EMBEDDING_FEATURE].float_list.value, np.float32))
-    order = np.argsort(ids, kind="stable")
-    return [ids[i] for i in order], (np.stack(rows)[order] if rows else np.empty((0, 0), np.float32))
+    return embedding_records.read_embedding_files(_matching(FileSystems.join(out, EMBEDDINGS_DIR,
+                                                                              "embeddings-*.tfrecord")))
 
 
 def write_image_tfrecords(images, path):
@@ -329,7 +314,7 @@ def build_pipeline(pipeline, model_dir, images, out, kind="exact", num_shards=4,
                 | "Batch" >> beam.BatchElements(min_batch_size=batch_size, max_batch_size=batch_size)
                 | "Embed" >> beam.ParDo(_EmbedBatches(model_dir)).with_outputs(_DEAD, main="vectors"))
 
-    (embedded.vectors | "To examples" >> beam.Map(_example)
+    (embedded.vectors | "To examples" >> beam.MapTuple(embedding_records.to_example)
      | "Write embeddings" >> beam.io.WriteToTFRecord(FileSystems.join(out, EMBEDDINGS_DIR, "embeddings"),
                                                      file_name_suffix=".tfrecord"))
     (embedded.vectors | "Shard" >> beam.Map(lambda element: (shard_of(element[0], num_shards), element))

@@ -131,6 +131,20 @@ def test_config_json_round_trip():
     assert again == config
 
 
+def test_a_json_config_file_loads_as_the_config_it_holds(tmp_path):
+    config = configs.override(configs.get_config("cars196"), ["train.epochs=2"])
+    (tmp_path / "mine.json").write_text(config.to_json())
+    assert configs.load_config(str(tmp_path / "mine.json")) == config
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        configs.load_config(str(tmp_path / "list.json"))
+    (tmp_path / "typo.json").write_text('{"train": {"epoch": 3}}')
+    with pytest.raises(ValueError, match="not an experiment configuration"):
+        configs.load_config(str(tmp_path / "typo.json"))
+    with pytest.raises(ValueError, match="No configuration file"):
+        configs.load_config(str(tmp_path / "missing.json"))
+
+
 def test_unknown_experiment():
     with pytest.raises(ValueError, match="Unknown experiment 'nope'"):
         configs.get_config("nope")

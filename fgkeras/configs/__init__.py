@@ -1,12 +1,13 @@
 """One configuration per experiment, with dotted overrides (`train.epochs=3`).
 
 A configuration is a tree of dataclasses; `get_config(name)` returns a fresh copy
-of a named experiment, `override(config, ["train.epochs=3"])` changes leaves with
+of a named experiment (`load_config` also reads one from a JSON file), `override(config, ["train.epochs=3"])` changes leaves with
 type checking, and `smoke(config)` shrinks anything to seconds.
 """
 
 import dataclasses
 import json
+import os
 
 
 @dataclasses.dataclass
@@ -293,6 +294,26 @@ def get_config(name="baseline"):
     return EXPERIMENTS[name]()
 
 
+def load_config(name_or_path):
+    """`get_config(name)`, or the configuration in a JSON file (`ExperimentConfig.to_json()`'s format;
+    sections or keys it leaves out keep their defaults, other top-level keys are ignored)."""
+    if str(name_or_path).lower().endswith(".json"):
+        if not os.path.isfile(name_or_path):
+            raise ValueError(f"No configuration file {name_or_path!r}")
+        with open(name_or_path, encoding="utf-8") as f:
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{name_or_path!r} is not a JSON configuration: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{name_or_path!r} must hold a JSON object (an experiment configuration)")
+        try:
+            return ExperimentConfig.from_dict(values)
+        except TypeError as error:  # a key no section has
+            raise ValueError(f"{name_or_path!r} is not an experiment configuration: {error}") from None
+    return get_config(name_or_path)
+
+
 def _parse(value, current):
     """Parses an override string to the type of the value it replaces."""
     if isinstance(current, bool):
@@ -367,6 +388,7 @@ __all__ = [
     "TrainConfig",
     "ViewGANConfig",
     "get_config",
+    "load_config",
     "override",
     "smoke",
 ]

@@ -3,7 +3,8 @@
 - `export_embedder` / `export_retrieval`: SavedModels whose signatures take JPEG/PNG bytes
   (`serving_default`/`embed` → embeddings; `search` → top-k ids and scores).
 - `export_and_push` / `push`: `saved_models/<name>/<version>/` with warmup requests and a model
-  card, promoted only through a blessing gate.
+  card, promoted only through a blessing gate (`export_candidate` writes one without pushing it;
+  `bless` with `serving_card` is the gate alone).
 - `export_tflite` / `tflite_parity`: fp32, dynamic-range and int8 TFLite embedders, and how close
   they are to the Keras model.
 - `model_record` / `model_fingerprint`: which SavedModel made a set of vectors (an index keeps it).
@@ -28,12 +29,14 @@ from fgkeras.export.serving_layout import (
     bless,
     build_model_card,
     export_and_push,
+    export_candidate,
     latest_version,
     list_versions,
     next_version,
     push,
     read_model_card,
     read_warmup_requests,
+    serving_card,
     write_model_card,
     write_warmup_requests,
 )
@@ -58,6 +61,7 @@ __all__ = [
     "build_model_card",
     "convert_tflite",
     "export_and_push",
+    "export_candidate",
     "export_embedder",
     "export_retrieval",
     "export_tflite",
@@ -73,6 +77,7 @@ __all__ = [
     "read_model_card",
     "read_warmup_requests",
     "retrieval_signature_k",
+    "serving_card",
     "signature_summary",
     "tflite_parity",
     "write_model_card",

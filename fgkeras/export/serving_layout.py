@@ -412,8 +412,9 @@ def push(candidate_dir, root, metrics=None, metric="recall@1", threshold=0.0, gr
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _serving_card(root):
-    """The model card of the serving (latest) version; a version without one gives no metrics."""
+def serving_card(root):
+    """The model card of the serving (latest) version of `root`, its "version" set; None when no
+    version is serving. A version without a card gives no metrics. What `bless` judges against."""
     serving = latest_version(root)
     if serving is None:
         return None
@@ -425,7 +426,7 @@ def _serving_card(root):
 def _gate_and_promote(staging, root, card, metric, threshold, greater_is_better, force):
     """Judges the staged export against the serving version; renames it into place if blessed."""
     serving = latest_version(root)
-    baseline_card = _serving_card(root)
+    baseline_card = serving_card(root)
     blessed, reason, value, baseline = bless(card["metrics"], baseline_card, metric, threshold, greater_is_better)
     if not blessed and not force:
         logger.info("push refused: %s", reason)
@@ -479,35 +480,50 @@ def export_and_push(embedder, root, image_size, metrics, index=None, k=10, flavo
     Returns:
         A `PushResult`.
     """
-    from fgkeras.export import saved_model
-
     name = name or os.path.basename(os.path.normpath(root))
     if not force:  # a candidate the gate refuses now is not worth exporting (judged again after)
-        blessed, reason, value, baseline = bless(metrics, _serving_card(root), metric, threshold, greater_is_better)
+        blessed, reason, value, baseline = bless(metrics, serving_card(root), metric, threshold, greater_is_better)
         if not blessed:
             logger.info("push refused: %s", reason)
             return PushResult(False, latest_version(root), reason, candidate_value=value, baseline_value=baseline)
     os.makedirs(root, exist_ok=True)
     staging = make_temp_dir(root, STAGING_PREFIX)
     try:
-        model = {"kind": "embedder", "image_size": int(image_size),
-                 "embedding_dim": getattr(embedder, "embedding_dim", None),
-                 "class": type(embedder).__name__}
-        if index is None:
-            saved_model.export_embedder(embedder, staging, image_size)
-        else:
-            saved_model.export_retrieval(embedder, index, staging, image_size, k=k, flavour=flavour)
-            model.update(kind="retrieval", flavour=flavour, index_size=len(index.ids), index_class=type(index).__name__,
-                         k=saved_model.retrieval_signature_k(staging))
-            settings = getattr(index, "config", None)
-            if flavour == "scann" and isinstance(settings, dict):
-                model["index_config"] = settings
-        if warmup:
-            write_warmup_requests(staging, model_name=name)
-        card = build_model_card(staging, name, metrics=metrics, data=data, config=config, model=model, notes=notes)
+        card = export_candidate(embedder, staging, image_size, metrics, index=index, k=k, flavour=flavour, name=name,
+                                data=data, config=config, warmup=warmup, notes=notes)
         return _gate_and_promote(staging, root, card, metric, threshold, greater_is_better, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_candidate(embedder, path, image_size, metrics, index=None, k=10, flavour="exact", name="fgkeras",
+                     data=None, config=None, warmup=True, notes=""):
+    """Writes an unpushed candidate at `path`: the SavedModel (embedder, or embedder + index), its warmup
+    requests and its model card (version None, not blessed). `push` promotes it; `export_and_push` does both.
+
+    Args: as for `export_and_push`; `name` is the model name the card and the warmup requests carry.
+    Returns:
+        the model card (a dict), also written to `path/assets.extra/`.
+    """
+    from fgkeras.export import saved_model
+
+    model = {"kind": "embedder", "image_size": int(image_size),
+             "embedding_dim": getattr(embedder, "embedding_dim", None),
+             "class": type(embedder).__name__}
+    if index is None:
+        saved_model.export_embedder(embedder, path, image_size)
+    else:
+        saved_model.export_retrieval(embedder, index, path, image_size, k=k, flavour=flavour)
+        model.update(kind="retrieval", flavour=flavour, index_size=len(index.ids), index_class=type(index).__name__,
+                     k=saved_model.retrieval_signature_k(path))
+        settings = getattr(index, "config", None)
+        if flavour == "scann" and isinstance(settings, dict):
+            model["index_config"] = settings
+    if warmup:
+        write_warmup_requests(path, model_name=name)
+    card = build_model_card(path, name, metrics=metrics, data=data, config=config, model=model, notes=notes)
+    write_model_card(path, card)
+    return card
 
 
 def _make_readable(directory):

@@ -20,9 +20,7 @@ shapes, dtypes and ids, and refuses anything else with an `IndexFormatError` tha
 """
 
 import abc
-import ctypes
 import datetime
-import errno
 import hashlib
 import json
 import logging
@@ -33,7 +31,7 @@ import tempfile
 
 import numpy as np
 
-from fgkeras._files import fsync_dir, fsync_tree, make_temp_dir, preview
+from fgkeras._files import fsync_tree, make_temp_dir, preview, swap_in
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +215,7 @@ class Index(abc.ABC):
             }
             _write_json(os.path.join(staging, MANIFEST), manifest)
             fsync_tree(staging)  # every file, the manifest too, then the folders: durable before the rename
-            _swap_in(staging, directory)
+            swap_in(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -767,41 +765,6 @@ def _walk_files(root):
         for name in names:
             found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
     return sorted(found)
-
-
-def _swap_in(staging, directory):
-    """Puts the complete `staging` directory at `directory` with one atomic rename."""
-    parent = os.path.dirname(directory)
-    if not os.path.exists(directory):
-        os.rename(staging, directory)
-    elif _exchange(staging, directory):
-        shutil.rmtree(staging)  # now the previous index
-    else:
-        # No atomic exchange here: move the old index aside first. A crash between the two renames
-        # leaves the old index at `.<name>.old-*` and the new one at `.<name>.tmp-*`, neither of
-        # them at `directory`, so nothing half-written is ever loaded from it.
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(directory, old)
-        os.rename(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(parent)
-
-
-def _exchange(a, b):
-    """Atomically exchanges two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, f"renameat2 exchange of {a} and {b} failed: {os.strerror(code)}")
 
 
 def _fgkeras_version():
