@@ -118,14 +118,12 @@ def fine_tune_alone(config, train_set, steps):
     return semantic
 
 
-# The study of G's collapse (`--study`): GDNS runs, each with one change to the paper's settings.
+# The study of G's collapse (`--study`): GDNS runs, each with one change to the paper's settings
+# (G's capacity, the weight of ℓ, the weight of S's term in G's loss); any other change is a `--set`.
 STUDY = {
     "GDNS": [],
     "GDNS, λ 0.1": ["fggan.lam=0.1"],
-    "GDNS, λ 0": ["fggan.lam=0"],
     "GDNS, S term 0.1": ["fggan.semantic_weight=0.1"],
-    "GDNS, S rate 2e-5": ["fggan.semantic_learning_rate=2e-5"],
-    "GDNS, G warm-up 300": ["fggan.generator_warmup_steps=300"],
     "GDNS, G skips": ["fggan.generator_skips=true"],
     "GDNS, G skips + warm-up 300": ["fggan.generator_skips=true", "fggan.generator_warmup_steps=300"],
 }

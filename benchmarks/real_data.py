@@ -1,14 +1,16 @@
 """A small real set: what each part of the training recipe gains on cars196_half, beside hand-made features.
 
 The ladder trains `--methods` from scratch on classes 1–98 (96 px) and evaluates Recall@K and
-mAP@R on classes 99–196; each rung adds one change to the rung above, so a row's gain over the
-row above is that change's:
+mAP@R on classes 99–196. The second rung adds held-out model selection to the first; each later
+rung adds one change to the second, so that every change is measured on the same base, side by
+side (a cumulative ladder would measure weight decay and width on top of an augmentation that
+costs here):
 
   from scratch, last epoch        no held-out classes, no augmentation, Adam, ResNet-18 width 0.5
   + held-out model selection      20 % of the train classes held out; the best epoch's weights, no early stop
-  + Augment.standard()            flips, crops, colour jitter
-  + weight decay                  decoupled, `--weight-decay`
-  + width 0.25                    a narrower backbone
+  ... + Augment.standard()        flips, crops, colour jitter
+  ... + weight decay              decoupled, `--weight-decay`
+  ... + width 0.25                a narrower backbone
 
 The pixel and colour-histogram baselines of the same test images are printed beside (the floor a
 learned embedder must clear). Runs are long (minutes each on 2 cores), so every finished run is
@@ -31,18 +33,13 @@ BASE = ["data.augment=false", "train.validation_classes=0", "model.width=0.5"]
 
 
 def ladder(weight_decay):
-    """(label, overrides) of each rung, the overrides of every rung above included."""
-    rungs = [("from scratch, last epoch", []),
-             ("+ held-out model selection", ["train.validation_classes=0.2", "train.restore_best=true",
-                                             "train.patience=0"]),
-             ("+ Augment.standard()", ["data.augment=true"]),
-             (f"+ weight decay {weight_decay:g}", [f"train.weight_decay={weight_decay}"]),
-             ("+ width 0.25", ["model.width=0.25"])]
-    cumulative, result = list(BASE), []
-    for label, overrides in rungs:
-        cumulative = cumulative + overrides
-        result.append((label, list(cumulative)))
-    return result
+    """(label, overrides) of each rung: the base, held-out selection, then one change each to it."""
+    selected = [*BASE, "train.validation_classes=0.2", "train.restore_best=true", "train.patience=0"]
+    return [("from scratch, last epoch", list(BASE)),
+            ("+ held-out model selection", selected),
+            ("... + Augment.standard()", [*selected, "data.augment=true"]),
+            (f"... + weight decay {weight_decay:g}", [*selected, f"train.weight_decay={weight_decay}"]),
+            ("... + width 0.25", [*selected, "model.width=0.25"])]
 
 
 def main():
