@@ -67,7 +67,7 @@ from fgkeras.models.backbones import feature_maps
 from fgkeras.models.baselines import build_baseline
 from fgkeras.models.embedder import Embedder
 from fgkeras.models.resume import fit_resumable
-from fgkeras.models.training import make_optimizer, replica_scaled, unpack_batch
+from fgkeras.models.training import BuiltBeforeFit, make_optimizer, replica_scaled, unpack_batch
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def _feature_dims(model, name):
 
 
 @keras.saving.register_keras_serializable(package="fgkeras")
-class HardTripletGAN(keras.Model):
+class HardTripletGAN(BuiltBeforeFit):
     """The HTG game: embedder F, generator G and (K+1)-class discriminator D, trained by `fit`.
 
     Calling the model returns F's embeddings, so `predict` and the evaluation helpers work
