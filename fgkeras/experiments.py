@@ -439,12 +439,15 @@ def train_and_evaluate(config, method, train_set, test_set, verbose="auto"):
     """Trains `method` with `config`'s data, backbone and budget; returns `(row, model)`.
 
     The row is `{"method": method, "train_seconds": ..., **retrieval_metrics}` on the
-    test classes. With `train.tensorboard` each method logs in its own `<log_dir>/<method>`.
+    test classes. With `train.tensorboard` each method logs in its own `<log_dir>/<method>`, and
+    with `train.backup_dir` each checkpoints in its own `<backup_dir>/<method>`.
     """
     method_config = ExperimentConfig.from_dict(config.to_dict())
     method_config.train.method = method
     if method_config.train.tensorboard:  # one TensorBoard run per method of the comparison
         method_config.train.log_dir = os.path.join(tensorboard_log_dir(config), method)
+    if method_config.train.backup_dir:  # one backup folder per method: a resumed comparison finds each its own
+        method_config.train.backup_dir = os.path.join(config.train.backup_dir, method)
     logger.info("training %s", method)
     start = time.perf_counter()
     model, _ = train(method_config, train_set=train_set, verbose=verbose)

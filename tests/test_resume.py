@@ -34,7 +34,8 @@ config = configs.override(configs.smoke(configs.get_config("viewgan" if method =
     f"train.method={method}", "train.epochs=3", "train.warmup_epochs=1", "train.steps_per_epoch=4",
     "data.image_size=32", f"train.backup_dir={backup_dir}", "train.backup_every_steps=3",
     "viewgan.width=8", "viewgan.batch_size=8", "viewgan.instances_per_class=2", "viewgan.id_dim=16",
-    "viewgan.noise_dim=16"])
+    "viewgan.noise_dim=16",
+    *(["train.variant=GDNS", "train.validation_classes=0"] if method == "fggan" else [])])
 
 
 class Progress(keras.callbacks.Callback):
@@ -185,13 +186,28 @@ def test_viewgan_killed_mid_epoch_restores_both_players_and_their_optimizers(tmp
     """ViewGAN (G and D, one optimizer each), killed after step 7 of 12, resumed from step 6.
 
     The checkpoint holds both optimizers' states (read from its weights file), and the resumed
-    run ends with the uninterrupted weights. Mutations tried (each makes this test fail): `start
-    = 0` in `fit_resumable`; `view_pairs` drawing from one generator across iterations (its state
-    then depends on how often the stream was started, not on the batch index alone).
+    run ends with the uninterrupted weights. Mutations tried: `start = 0` in `fit_resumable` makes
+    it fail. `view_pairs` drawing from one random generator across iterations (as it did before)
+    does not: each process iterates the stream once here, so the restarted process's stream
+    already starts from the seed; the fix matters where one process starts the stream twice.
     """
     weights, _, left = _kill_and_resume(tmp_path, "viewgan", stop_at=7)
     assert left[0] == "step-000000006-epoch-000001"
     _assert_same_weights(weights, uninterrupted("viewgan")[0])
+
+
+@pytest.mark.slow  # ~65 s of CPU more: the default suite keeps ViewGAN as its game beyond HTG
+def test_fggan_killed_mid_epoch_restores_its_four_players_and_their_optimizers(tmp_path, uninterrupted):
+    """FGGAN's GDNS game (G, D, N, S, one optimizer each), killed after step 7 of 12, resumed from step 6.
+
+    S is pre-trained before the game and cached (`fggan.cache_dir`, under each run's working
+    folder here): the uninterrupted and the killed run train it, the restarted run reads it.
+    Mutations tried: `start = 0` in `fit_resumable` (the resumed game trains on the stream's
+    first pairs again).
+    """
+    weights, _, left = _kill_and_resume(tmp_path, "fggan", stop_at=7)
+    assert left[0] == "step-000000006-epoch-000001"
+    _assert_same_weights(weights, uninterrupted("fggan")[0])
 
 
 def test_a_checkpoint_holds_every_optimizer_and_is_replaced_whole(tmp_path):
@@ -227,3 +243,12 @@ def test_a_checkpoint_holds_every_optimizer_and_is_replaced_whole(tmp_path):
     with h5py.File(checkpoint, "r") as f:
         for player in ("f_optimizer", "g_optimizer", "d_optimizer"):
             assert int(np.asarray(f[player]["vars"]["0"])) == 1  # its iterations: one step taken
+
+
+def test_backup_every_steps_must_be_a_non_negative_integer(tmp_path):
+    from fgkeras import configs, experiments
+
+    config = configs.override(configs.smoke(configs.get_config("baseline")), [
+        f"train.backup_dir={tmp_path / 'backup'}", "train.backup_every_steps=-1"])
+    with pytest.raises(ValueError, match=r"`backup_every_steps` \(`train.backup_every_steps`\) must be an integer >= 0"):
+        experiments.train(config, verbose=0)

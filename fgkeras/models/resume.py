@@ -30,6 +30,7 @@ import shutil
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from fgkeras import _files
 
@@ -184,6 +185,11 @@ def fit_resumable(model, dataset, *, epochs, steps_per_epoch, backup_dir="", bac
         callbacks: `fit`'s callbacks; those with `save_state` / `load_state` (`RetrievalEvaluation`)
             have their state saved in the checkpoints.
     Returns: the `History` of `fit`.
+
+    Not kept across a kill: the state of callbacks without `save_state` (`EarlyStopping`'s count of
+    epochs without improvement starts again; a `TensorBoard` continues at the resumed epoch), and
+    the epoch's mean losses in the logs, which cover the steps run after the resume. Not supported
+    under `MultiWorkerMirroredStrategy` yet (a `ValueError`).
     """
     if isinstance(backup_every_steps, bool) or not isinstance(backup_every_steps, int) or backup_every_steps < 0:
         raise ValueError("`backup_every_steps` (`train.backup_every_steps`) must be an integer >= 0 (0: at epoch "
@@ -191,6 +197,11 @@ def fit_resumable(model, dataset, *, epochs, steps_per_epoch, backup_dir="", bac
     stream_from = dataset if callable(dataset) else (lambda start: dataset.skip(start) if start else dataset)
     callbacks = list(callbacks)
     start = 0
+    if backup_dir and isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError(
+            "`backup_dir` (train.backup_dir) is not supported under MultiWorkerMirroredStrategy yet: every worker "
+            "would write the same folder, and the workers must resume from the same step. Received: "
+            f"backup_dir={backup_dir!r}")
     if backup_dir:
         backup = ResumableBackup(backup_dir, save_freq=backup_every_steps or "epoch",
                                  stateful=[c for c in callbacks if hasattr(c, "save_state")])
