@@ -165,7 +165,7 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
 
 
 def fit_resumable(model, dataset, *, epochs, steps_per_epoch, backup_dir="", backup_every_steps=0,
-                  callbacks=(), verbose="auto"):
+                  callbacks=None, verbose="auto"):
     """`model.fit` on an infinite stream that resumes, after a kill, where its last checkpoint was taken.
 
     With `backup_dir` empty this is `model.fit(dataset, ...)`. Otherwise a `ResumableBackup` in
@@ -195,7 +195,7 @@ def fit_resumable(model, dataset, *, epochs, steps_per_epoch, backup_dir="", bac
         raise ValueError("`backup_every_steps` (`train.backup_every_steps`) must be an integer >= 0 (0: at epoch "
                          f"ends only). Received: backup_every_steps={backup_every_steps!r}")
     stream_from = dataset if callable(dataset) else (lambda start: dataset.skip(start) if start else dataset)
-    callbacks = list(callbacks)
+    callbacks = list(callbacks or [])
     start = 0
     if backup_dir and isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
         raise ValueError(
