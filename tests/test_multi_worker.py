@@ -19,6 +19,10 @@ same triplets and runs G and D on all of them), so its game is compared too; wit
 model (`train.warmup_epochs=0`), whose triplets are formed within each replica's shard, as for any
 triplet baseline, and for 2 steps: after 4 the distance reached 1% of the update (7e-3 of 0.70 on
 one kernel), most likely a triplet at its margin's hinge falling on the other side in one run.
+
+Mutations tried: the stream with `tf.data` auto-sharding OFF fails the batch assertion (each
+worker then trains on the same half of every batch); without `BuiltBeforeFit` (Keras's symbolic
+build, then its scalar logs reduced on axis 0) the workers fail before their first step.
 """
 
 import json
