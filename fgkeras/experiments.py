@@ -222,8 +222,8 @@ def dtype_policy(mixed_precision):
 TRAINING_KEYS = ("image", "label", "view")
 
 
-def training_dataset(config, train_set):
-    """The infinite P×K class-balanced stream that every method trains on.
+def training_dataset(config, train_set, start=0):
+    """The infinite P×K class-balanced stream that every method trains on, from batch `start`.
 
     Its batches keep only `TRAINING_KEYS`: under a `tf.distribute` strategy, Keras's `fit`
     averages every tensor of the first batch across replicas to build the model
@@ -234,7 +234,7 @@ def training_dataset(config, train_set):
     stream = train_set.class_balanced_dataset(
         classes_per_batch=config.train.classes_per_batch,
         images_per_class=config.train.images_per_class,
-        image_size=config.data.image_size, seed=config.train.seed, augment=augment,
+        image_size=config.data.image_size, seed=config.train.seed, augment=augment, start=start,
     )
     return stream.map(lambda batch: {key: batch[key] for key in TRAINING_KEYS if key in batch})
 
@@ -264,11 +264,20 @@ def distribution_strategy(kind):
     return tf.distribute.MirroredStrategy([device.name for device in devices])
 
 
+def backup_settings(train_config):
+    """`{backup_dir, backup_every_steps}` of `fgkeras.models.fit_resumable`, from `train.backup_*`."""
+    return {"backup_dir": train_config.backup_dir, "backup_every_steps": train_config.backup_every_steps}
+
+
 def train(config, train_set=None, verbose="auto", callbacks=None):
     """Trains the configured method; returns `(model, history)`.
 
     A NaN or infinite loss of any player stops it with a `NonFiniteLossError` that names the
     player and the step (`fgkeras.models.StopOnNonFiniteLoss`).
+
+    With `train.backup_dir`, a run killed at any point and started again with the same
+    arguments resumes from its last checkpoint and ends with the weights of a run never
+    stopped (`fgkeras.models.fit_resumable`; HTG resumes in the phase it was killed in).
 
     `train.validation_classes` of the training classes are held out of the training stream
     (`validation_split`) and the model is selected on them (`selection_callbacks`): the
@@ -306,11 +315,10 @@ def _train(config, train_set, verbose, callbacks):
     with dtype_policy(config.train.mixed_precision):
         model = build_model(config, num_classes=train_set.num_classes)
         model.compile(optimizer=make_optimizer(config.train, backbone_rate_multipliers(config.train, model.embedder)))
-        history = model.fit(
-            training_dataset(config, train_set), epochs=config.train.epochs,
+        history = models.fit_resumable(
+            model, functools.partial(training_dataset, config, train_set), epochs=config.train.epochs,
             steps_per_epoch=config.train.steps_per_epoch, verbose=verbose, callbacks=callbacks,
-            shuffle=False,  # the P×K stream is already shuffled
-        )
+            **backup_settings(config.train))
     return model, history
 
 
@@ -337,14 +345,14 @@ def _train_htg(config, train_set, verbose, callbacks):
     with dtype_policy(budget.mixed_precision):
         embedder = build_embedder(config)
         game = models.train_htg(
-            embedder, training_dataset(config, train_set), train_set.num_classes,
+            embedder, functools.partial(training_dataset, config, train_set), train_set.num_classes,
             warmup_epochs=budget.warmup_epochs, epochs=game_epochs, steps_per_epoch=budget.steps_per_epoch,
             warmup_learning_rate=warmup_rate, learning_rate=game_rate,
             optimizer=optimizer_factory(budget, backbone_rate_multipliers(budget, embedder)),
             decay_epochs=budget.decay_epochs, warmup_triplets=budget.warmup_triplets, kpm=config.model.kpm,
             kpm_levels=tuple(config.model.kpm_levels.split(",")), margin=budget.margin, mu=budget.mu,
             beta=budget.beta, gamma=budget.gamma, triplets=budget.triplets, seed=budget.seed,
-            verbose=verbose, callbacks=[*(callbacks or []), history],
+            verbose=verbose, callbacks=[*(callbacks or []), history], **backup_settings(budget),
         )
     return game, history
 
@@ -415,8 +423,8 @@ def _train_fggan(config, train_set, verbose, callbacks):
             canonical_view=settings.canonical_view, image_size=config.data.image_size, seed=budget.seed)
         models.fggan.pretrain_generator(game.generator, pairs, settings.generator_warmup_steps,
                                         optimizer=factory(budget.learning_rate), verbose=verbose)
-        history = game.fit(pairs, epochs=budget.epochs, steps_per_epoch=budget.steps_per_epoch, verbose=verbose,
-                           callbacks=callbacks, shuffle=False)  # the pair stream is already shuffled
+        history = models.fit_resumable(game, pairs, epochs=budget.epochs, steps_per_epoch=budget.steps_per_epoch,
+                                       verbose=verbose, callbacks=callbacks, **backup_settings(budget))
     return game, history
 
 
@@ -431,12 +439,15 @@ def train_and_evaluate(config, method, train_set, test_set, verbose="auto"):
     """Trains `method` with `config`'s data, backbone and budget; returns `(row, model)`.
 
     The row is `{"method": method, "train_seconds": ..., **retrieval_metrics}` on the
-    test classes. With `train.tensorboard` each method logs in its own `<log_dir>/<method>`.
+    test classes. With `train.tensorboard` each method logs in its own `<log_dir>/<method>`, and
+    with `train.backup_dir` each checkpoints in its own `<backup_dir>/<method>`.
     """
     method_config = ExperimentConfig.from_dict(config.to_dict())
     method_config.train.method = method
     if method_config.train.tensorboard:  # one TensorBoard run per method of the comparison
         method_config.train.log_dir = os.path.join(tensorboard_log_dir(config), method)
+    if method_config.train.backup_dir:  # one backup folder per method: a resumed comparison finds each its own
+        method_config.train.backup_dir = os.path.join(config.train.backup_dir, method)
     logger.info("training %s", method)
     start = time.perf_counter()
     model, _ = train(method_config, train_set=train_set, verbose=verbose)

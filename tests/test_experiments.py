@@ -117,8 +117,8 @@ def test_the_held_out_classes_never_appear_in_the_training_stream(monkeypatch):
     train, _ = experiments.load_data(config.data)
     streams = []
 
-    def recording(config, train_set):
-        streams.append(experiments_training_dataset(config, train_set))
+    def recording(config, train_set, start=0):
+        streams.append(experiments_training_dataset(config, train_set, start))
         return streams[-1]
 
     experiments_training_dataset = experiments.training_dataset

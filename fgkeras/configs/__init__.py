@@ -119,6 +119,16 @@ class TrainConfig:
     "mirrored" (`tf.distribute.MirroredStrategy` over this machine's GPUs, else its logical
     CPUs) or "multi_worker" (`MultiWorkerMirroredStrategy`, the workers from `TF_CONFIG`). The
     P×K batch is the global batch, split across the replicas.
+
+    Resuming a killed run (`fgkeras.models.fit_resumable`): with `backup_dir` set, every `fit` of
+    the method checkpoints there (weights, every player's optimizer state, random-generator
+    states, the step, and the held-out model selection) at each epoch's end and, with
+    `backup_every_steps` > 0, every that many steps; a run killed at any moment and started again
+    with the same command resumes from its last checkpoint, at the batch of the stream where it
+    was taken, and ends with the weights of a run never stopped. HTG keeps one folder per phase
+    (`warmup/`, `game/`) and marks a finished basic model done (`warmup.done.weights.h5`), so a
+    run killed in either phase resumes in that phase. The folder is removed when training ends.
+    Empty (the default): no checkpoints. One run, one folder: two runs never share it.
     """
 
     method: str = "triplet_batch_hard"
@@ -154,6 +164,8 @@ class TrainConfig:
     tensorboard: bool = False
     log_dir: str = ""
     distribute: str = "none"
+    backup_dir: str = ""
+    backup_every_steps: int = 0
 
 
 @dataclasses.dataclass

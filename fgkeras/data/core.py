@@ -325,10 +325,12 @@ class ImageSet:
         seed=0,
         augment=None,
         skip_corrupt=False,
+        start=0,
     ):
         """An infinite stream of P×K batches: P distinct classes, K images of each.
 
-        Batch `b` depends only on (`seed`, `b`), so the stream is reproducible. Within a
+        Batch `b` depends only on (`seed`, `b`), so the stream is reproducible, and the stream
+        from batch `start` on is the end of the stream from 0 (a resumed run starts there). Within a
         batch the P classes are distinct and sampled uniformly; a class with at least K
         images gives K distinct images; a class with fewer gives all of its images plus
         random repeats (a single-image class gives K copies, with one warning). Elements
@@ -342,7 +344,10 @@ class ImageSet:
             seed: integer seed of the sampling and the augmentation.
             augment: an `Augment` or None.
             skip_corrupt: as in `as_dataset`.
+            start: the index of the first batch, >= 0.
         """
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+            raise ValueError(f"`start` must be an integer >= 0. Received start={start!r}")
         for name, value in (("classes_per_batch", classes_per_batch), ("images_per_class", images_per_class)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer. Received {name}={value!r}")
@@ -368,7 +373,7 @@ class ImageSet:
             )
         sampler = _ClassBalancedSampler(table.labels, counts, num_p, num_k, seed)
         load = table._loader(image_size, augment)
-        dataset = tf.data.Dataset.counter().map(sampler).unbatch()
+        dataset = tf.data.Dataset.counter(int(start)).map(sampler).unbatch()
         if augment is None:
             dataset = dataset.map(lambda index, _: load(index), num_parallel_calls=tf.data.AUTOTUNE)
         else:

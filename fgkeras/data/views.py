@@ -84,14 +84,16 @@ def view_pairs(arrays, batch_size=32, seed=0, labels=None):
             the train split are already 0 .. K_train - 1).
     Returns: a `tf.data.Dataset` of dicts `image` (B, S, S, 3) float32, `label`, `view`,
     `target_view` int32 (B,), `target_image` (B, S, S, 3) float32: the renderer's truth.
+    Each iteration of it gives the same stream (the draws start from `seed` every time), so a
+    resumed run can start it at a batch index (`dataset.skip(n)`).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
     n = len(arrays["label"])
     label = arrays["label"] if labels is None else np.vectorize(labels.__getitem__, otypes=[np.int32])(arrays["label"])
-    rng = np.random.default_rng(seed)
 
     def passes():
+        rng = np.random.default_rng(seed)
         while True:
             order = rng.permutation(n)
             partner = pair_indices(arrays, rng)

@@ -1,7 +1,9 @@
 """Model selection during `fit`: retrieval metrics on classes held out from training."""
 
+import json
 import logging
 import math
+import os
 
 import keras
 import numpy as np
@@ -28,6 +30,10 @@ class RetrievalEvaluation(keras.callbacks.Callback):
     baselines and games), else the model itself, or the `embedder` given. One instance can
     serve several `fit` calls (HTG's two phases): each call selects its own best epoch, and
     `records` accumulates every evaluation.
+
+    A run resumed from a checkpoint (`fgkeras.models.fit_resumable`) keeps its model selection:
+    `save_state` and `load_state` carry `best`, `best_epoch`, the best weights and `records`
+    through the checkpoints, so the resumed run restores the same best epoch as one never stopped.
 
     Args:
         dataset: a `tf.data.Dataset` of dicts with "image" and "label" (batched or not),
@@ -102,6 +108,25 @@ class RetrievalEvaluation(keras.callbacks.Callback):
             self.best, self.best_epoch = value, epoch
             if self.restore_best_weights:
                 self._best_weights = self.model.get_weights()
+
+    def save_state(self, directory):
+        """Writes the selection so far (best figure, epoch and weights, records) into `directory`."""
+        with open(os.path.join(directory, "selection.json"), "w", encoding="utf-8") as f:
+            json.dump({"best": self.best, "best_epoch": self.best_epoch, "records": self.records}, f, default=float)
+        if self._best_weights is not None:
+            np.savez(os.path.join(directory, "best_weights.npz"), *self._best_weights)
+
+    def load_state(self, directory):
+        """Reads what `save_state` wrote: the selection continues where the checkpoint left it."""
+        with open(os.path.join(directory, "selection.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        self.best, self.best_epoch, self.records = state["best"], state["best_epoch"], state["records"]
+        weights = os.path.join(directory, "best_weights.npz")
+        if os.path.exists(weights):
+            with np.load(weights) as arrays:
+                self._best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        else:
+            self._best_weights = None
 
     def on_train_end(self, logs=None):
         if self.restore_best_weights and self._best_weights is not None:

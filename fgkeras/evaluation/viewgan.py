@@ -16,6 +16,7 @@ import numpy as np
 from fgkeras.data import SyntheticVehicles
 from fgkeras.data.views import front_views, render_views, steps_per_pass, view_pairs
 from fgkeras.evaluation import identity
+from fgkeras.models.resume import fit_resumable
 from fgkeras.models.training import make_optimizer
 from fgkeras.models.viewgan import build_viewgan
 
@@ -96,8 +97,9 @@ def train_viewgan(config, arrays=None, verbose="auto", callbacks=None):
     steps = config.train.steps_per_epoch or steps_per_pass(arrays, batch_size)
     logger.info("ViewGAN %s: %d classes, %d views, %d images, %d epochs of %d steps", config.train.variant,
                 len(classes), len(arrays["views"]), len(labels), config.train.epochs, steps)
-    history = game.fit(view_pairs(arrays, batch_size, seed=config.train.seed), epochs=config.train.epochs,
-                       steps_per_epoch=steps, verbose=verbose, callbacks=callbacks, shuffle=False)
+    history = fit_resumable(game, view_pairs(arrays, batch_size, seed=config.train.seed), epochs=config.train.epochs,
+                            steps_per_epoch=steps, verbose=verbose, callbacks=callbacks,
+                            backup_dir=config.train.backup_dir, backup_every_steps=config.train.backup_every_steps)
     return game, history
 
 

@@ -5,6 +5,7 @@ from fgkeras.models.baselines import BASELINES, MetricLearner, build_baseline
 from fgkeras.models.embedder import Embedder, build_embedder
 from fgkeras.models.fggan import CanonicalEmbedder, ViewNormalizingGAN, build_fggan
 from fgkeras.models.htg import HardTripletGAN, KeypointEmbedder, build_htg, train_htg
+from fgkeras.models.resume import ResumableBackup, fit_resumable
 from fgkeras.models.training import (
     OPTIMIZERS,
     ContinuousTensorBoard,
@@ -33,6 +34,7 @@ __all__ = [
     "MultiRateSGD",
     "NonFiniteLossError",
     "OPTIMIZERS",
+    "ResumableBackup",
     "ShiftedSchedule",
     "StopOnNonFiniteLoss",
     "ViewTransformGAN",
@@ -43,6 +45,7 @@ __all__ = [
     "build_fggan",
     "build_htg",
     "build_viewgan",
+    "fit_resumable",
     "feature_maps",
     "freeze_batch_norm",
     "make_optimizer",

@@ -14,7 +14,7 @@ from keras import ops
 
 from fgkeras import layers as fg_layers
 from fgkeras import losses as fg_losses
-from fgkeras.models.training import replica_scaled, unpack_batch
+from fgkeras.models.training import BuiltBeforeFit, replica_scaled, unpack_batch
 
 SOFTMAX_HEADS = ("none", "bias", "no_bias")
 TRIPLET_SAMPLINGS = ("none", "random", "batch_hard")
@@ -31,7 +31,7 @@ BASELINES = {
 
 
 @keras.saving.register_keras_serializable(package="fgkeras")
-class MetricLearner(keras.Model):
+class MetricLearner(BuiltBeforeFit):
     """Trains an embedder with softmax and/or triplet losses by `fit`.
 
     Calling the model returns the embedder's embeddings, so `predict` and the

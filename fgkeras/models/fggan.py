@@ -71,7 +71,7 @@ from keras import ops
 
 from fgkeras import layers as fg_layers
 from fgkeras.models.embedder import Embedder
-from fgkeras.models.training import make_optimizer, replica_scaled
+from fgkeras.models.training import BuiltBeforeFit, make_optimizer, replica_scaled
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def default_optimizer():
 
 
 @keras.saving.register_keras_serializable(package="fgkeras")
-class ViewNormalizingGAN(keras.Model):
+class ViewNormalizingGAN(BuiltBeforeFit):
     """The FGGAN game: G, D, N and S (with its no-bias softmax head), trained by `fit`.
 
     Calling the model returns `model.embedder`'s embeddings (S ∘ G), so `predict` and the

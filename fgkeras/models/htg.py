@@ -52,18 +52,22 @@ Design decisions where the paper is silent:
 """
 
 import logging
+import os
+import shutil
 
 import keras
 import tensorflow as tf
 from keras import ops
 
+from fgkeras import _files
 from fgkeras import layers as fg_layers
 from fgkeras import losses as fg_losses
 from fgkeras.losses.triplet import pair_masks
 from fgkeras.models.backbones import feature_maps
 from fgkeras.models.baselines import build_baseline
 from fgkeras.models.embedder import Embedder
-from fgkeras.models.training import make_optimizer, replica_scaled, unpack_batch
+from fgkeras.models.resume import fit_resumable
+from fgkeras.models.training import BuiltBeforeFit, make_optimizer, replica_scaled, unpack_batch
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +324,7 @@ def _feature_dims(model, name):
 
 
 @keras.saving.register_keras_serializable(package="fgkeras")
-class HardTripletGAN(keras.Model):
+class HardTripletGAN(BuiltBeforeFit):
     """The HTG game: embedder F, generator G and (K+1)-class discriminator D, trained by `fit`.
 
     Calling the model returns F's embeddings, so `predict` and the evaluation helpers work
@@ -584,7 +588,7 @@ def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps
               warmup_dataset=None, warmup_steps_per_epoch=None, warmup_learning_rate=1e-2,
               learning_rate=1e-3, decay_epochs=5, optimizer="sgd", warmup_triplets="random",
               kpm=False, kpm_levels=KPM_LEVELS, temperature=1.0, margin=0.1, mu=1.0, beta=1.0, gamma=1.0,
-              triplets="random", seed=None, verbose="auto", callbacks=None):
+              triplets="random", seed=None, verbose="auto", callbacks=None, backup_dir="", backup_every_steps=0):
     """The paper's recipe (Sec. 5): the basic model first, then the adversarial game.
 
     1. Basic model (Sec. 4.1): F with no-bias softmax + λ·triplet on random triplets
@@ -608,15 +612,23 @@ def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps
     Args:
         embedder: F, an `Embedder` (the KPM branch is added after the basic model when
             `kpm=True`; a `KeypointEmbedder` is trained as it is in both phases).
-        dataset: infinite P×K batches (e.g. `ImageSet.class_balanced_dataset`) for the game.
+        dataset: infinite P×K batches (e.g. `ImageSet.class_balanced_dataset`) for the game, or a
+            function `start -> dataset` giving them from batch `start` (see `fit_resumable`).
         num_classes: K.
-        warmup_dataset: batches for the basic model; `dataset` by default.
+        warmup_dataset: batches for the basic model (or a function of `start`); `dataset` by default.
         warmup_steps_per_epoch: steps per warm-up epoch; `steps_per_epoch` by default.
         optimizer: "sgd" (momentum 0.9; the paper's mini-batch SGD), "adam", "adamw", or a
             callable `learning_rate -> keras.optimizers.Optimizer` (called once per player).
         warmup_triplets: the basic model's triplets, "random" (the paper) or "batch_hard".
         kpm, kpm_levels, temperature, margin, mu, beta, gamma, triplets, seed: see `build_htg`.
         verbose, callbacks: passed to both `fit` calls.
+        backup_dir, backup_every_steps: a run killed at any point and called again with the same
+            arguments resumes in the phase where it stopped, at its last checkpoint
+            (`fgkeras.models.fit_resumable`): each phase checkpoints in its own folder,
+            `<backup_dir>/warmup` and `<backup_dir>/game`, and a finished basic model is marked
+            done by F's weights in `<backup_dir>/warmup.done.weights.h5` (written atomically, after
+            the phase's model selection), so it is not trained again. `backup_dir` is removed
+            when the game ends. "" (the default): no checkpoints.
     Returns: the trained `HardTripletGAN`; `model.embedder` is F, and `model.history` the
     History of the adversarial phase.
     """
@@ -624,25 +636,47 @@ def train_htg(embedder, dataset, num_classes, warmup_epochs=15, epochs=10, steps
         raise ValueError(
             f"`warmup_triplets` must be one of {WARMUP_TRIPLETS}. Received: warmup_triplets={warmup_triplets!r}"
         )
+    phase_backup = (lambda phase: os.path.join(backup_dir, phase)) if backup_dir else (lambda phase: "")
+    warmup_done = os.path.join(backup_dir, "warmup.done.weights.h5") if backup_dir else ""
     if warmup_epochs > 0:
         warmup_steps = warmup_steps_per_epoch or steps_per_epoch
+        # Built even when the phase is done: the game's players then draw the same initial weights.
         basic = build_baseline("basic", embedder, num_classes=num_classes, margin=margin, seed=seed,
                                triplet=warmup_triplets)
         basic.compile(optimizer=_optimizer(
             optimizer, _schedule(warmup_learning_rate, warmup_epochs, warmup_steps, decay_epochs)))
-        logger.info("HTG phase 1: basic model, %d epochs", warmup_epochs)
-        basic.fit(warmup_dataset if warmup_dataset is not None else dataset, epochs=warmup_epochs,
-                  steps_per_epoch=warmup_steps, verbose=verbose, callbacks=callbacks,
-                  shuffle=False)  # P×K streams are already shuffled
+        if warmup_done and os.path.exists(warmup_done):
+            logger.info("HTG phase 1: done before (%s)", warmup_done)
+            embedder.load_weights(warmup_done)
+        else:
+            logger.info("HTG phase 1: basic model, %d epochs", warmup_epochs)
+            fit_resumable(basic, warmup_dataset if warmup_dataset is not None else dataset, epochs=warmup_epochs,
+                          steps_per_epoch=warmup_steps, verbose=verbose, callbacks=callbacks,
+                          backup_dir=phase_backup("warmup"), backup_every_steps=backup_every_steps)
+            if warmup_done:
+                _save_weights_atomically(embedder, warmup_done)
     game = build_htg(embedder, num_classes, kpm=kpm, kpm_levels=kpm_levels, temperature=temperature,
                      margin=margin, mu=mu, beta=beta, gamma=gamma, triplets=triplets, seed=seed)
     schedule = _schedule(learning_rate, epochs, steps_per_epoch, decay_epochs)
     game.compile(f_optimizer=_optimizer(optimizer, schedule), g_optimizer=_optimizer(optimizer, schedule),
                  d_optimizer=_optimizer(optimizer, schedule))
     logger.info("HTG phase 2: adversarial training, %d epochs", epochs)
-    game.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, callbacks=callbacks,
-             shuffle=False)
+    fit_resumable(game, dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
+                  callbacks=callbacks, backup_dir=phase_backup("game"), backup_every_steps=backup_every_steps)
+    if backup_dir:
+        shutil.rmtree(backup_dir, ignore_errors=True)
     return game
+
+
+def _save_weights_atomically(model, path):
+    """`model.save_weights(path)` through a temporary file renamed into place: a kill leaves no part file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = os.path.join(os.path.dirname(path), f".staging-{os.path.basename(path)}")
+    model.save_weights(staging)
+    with open(staging, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+    _files.fsync_dir(os.path.dirname(path))
 
 
 __all__ = [

@@ -32,6 +32,40 @@ def unpack_batch(data):
     )
 
 
+class BuiltBeforeFit(keras.Model):
+    """A `keras.Model` built, with its optimizers, before `fit`: the base of every fgkeras trainer.
+
+    Under a `tf.distribute` strategy, Keras 3.15's `fit` first averages the first batch across
+    replicas to build the model symbolically (`_maybe_symbolic_build`); under
+    `MultiWorkerMirroredStrategy` that all-reduce fails on a batch that is a dict of tensors
+    ("Attempt to convert a value ({'image': PerReplica…}) … to a Tensor"). The fgkeras trainers
+    are built in `__init__` and build their optimizers in `compile`, so nothing is left to build:
+    the step is skipped when the model and its `optimizer` (if it has one) are built.
+
+    Under `MultiWorkerMirroredStrategy`, Keras 3.15 also reduces each logged figure of a step
+    across the workers on its axis 0 (`reduce_per_replica`), which a scalar does not have
+    ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388):
+    there the train step's figures are given as vectors of one value, reduced to scalars.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self.built and (self.optimizer is None or self.optimizer.built):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def make_train_function(self, force=False):
+        if (self.train_function is not None and not force) or not isinstance(
+                self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return super().make_train_function(force=force)
+        step = self.train_step
+
+        def train_step_with_vector_logs(data):
+            return {name: ops.reshape(value, (1,)) for name, value in step(data).items()}
+
+        self.train_function = self._make_function(train_step_with_vector_logs)
+        return self.train_function
+
+
 # Whose loss a logged name is, for the message of a non-finite loss.
 _LOSS_OWNERS = {"f_loss": "the embedder F", "g_loss": "the generator G", "d_loss": "the discriminator D",
                 "n_loss": "the normaliser N", "s_loss": "the semantic embedding S",

@@ -56,7 +56,7 @@ from keras import ops
 from fgkeras import layers as fg_layers
 from fgkeras import losses as fg_losses
 from fgkeras.losses.softmax import softmax_cross_entropy
-from fgkeras.models.training import make_optimizer, replica_scaled
+from fgkeras.models.training import BuiltBeforeFit, make_optimizer, replica_scaled
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _global_rows(draw, local_batch):
 
 
 @keras.saving.register_keras_serializable(package="fgkeras")
-class ViewTransformGAN(keras.Model):
+class ViewTransformGAN(BuiltBeforeFit):
     """The ViewGAN game (Sec. 3): G turns an image to a target view keeping its identity, D classifies.
 
     Train with plain `fit` on batches of dicts `image` (batch, S, S, 3) in [0, 255], `label`

@@ -225,6 +225,19 @@ def test_class_balanced_is_deterministic_and_varies_across_batches(memory_set):
     assert len({tuple(batch) for batch in first}) > 1
 
 
+def test_class_balanced_from_a_start_batch_is_the_rest_of_the_stream(memory_set):
+    # A resumed run starts the stream at the batch of its checkpoint (`fit_resumable`).
+    whole = pk_batches(memory_set.class_balanced_dataset(2, 3, seed=7), 6)
+    rest = pk_batches(memory_set.class_balanced_dataset(2, 3, seed=7, start=4), 2)
+    for mine, theirs in zip(rest, whole[4:]):
+        np.testing.assert_array_equal(mine["image"], theirs["image"])
+        np.testing.assert_array_equal(mine["label"], theirs["label"])
+    assert not np.array_equal(rest[0]["label"], whole[0]["label"]) or not np.array_equal(
+        rest[0]["image"], whole[0]["image"])
+    with pytest.raises(ValueError, match="`start` must be an integer >= 0"):
+        memory_set.class_balanced_dataset(2, 3, start=-1)
+
+
 def test_class_balanced_warns_once_about_single_image_classes(memory_set, caplog):
     with caplog.at_level(logging.WARNING):
         dataset = memory_set.class_balanced_dataset(len(COUNTS), 2, seed=0)
