@@ -20,6 +20,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+pytest.importorskip(
+    "tensorflow_serving",
+    reason="the pipeline runs in the main environment (its export writes TF Serving warmup requests); in the "
+           "Beam environment, which has no serving stack, only its Beam step runs (test_embed_gallery.py)")
+
 from fgkeras import cli, configs, experiments  # noqa: E402
 from fgkeras.data import SyntheticVehicles  # noqa: E402
 from fgkeras.export import list_versions, model_record  # noqa: E402
