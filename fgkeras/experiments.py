@@ -411,7 +411,8 @@ def _train_fggan(config, train_set, verbose, callbacks):
         semantic, classifier = pretrained_semantic(config, train_set, verbose)
         game = models.build_fggan(
             semantic, train_set.num_classes, config.data.image_size, variant=budget.variant,
-            base_width=settings.width, skips=settings.generator_skips, classifier=classifier, recon_layer=settings.recon_layer, lam=settings.lam,
+            base_width=settings.width, skips=settings.generator_skips, residual=settings.generator_residual,
+            classifier=classifier, recon_layer=settings.recon_layer, lam=settings.lam,
             semantic_weight=settings.semantic_weight, positive_pair=settings.positive_pair, feature=settings.feature)
         factory = optimizer_factory(budget)
         rates = {player: budget.learning_rate for player in game.players}

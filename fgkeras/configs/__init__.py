@@ -216,8 +216,9 @@ class FGGANConfig:
     `positive_pair` and `feature` (the retrieval feature of `model.embedder`) are those of
     `fgkeras.models.ViewNormalizingGAN`. Not in the paper, for the studies of G's collapse:
     `generator_warmup_steps` > 0 first trains G to reproduce its input
-    (`fgkeras.models.fggan.pretrain_generator`), `generator_skips` gives G U-Net connections
-    (`fgkeras.models.fggan.build_generator`), and `semantic_learning_rate` > 0 gives S its own
+    (`fgkeras.models.fggan.pretrain_generator`), `generator_skips` gives G U-Net connections,
+    `generator_residual` makes G(x) = x + Δ(x) starting at the identity
+    (both `fgkeras.models.fggan.build_generator`), and `semantic_learning_rate` > 0 gives S its own
     rate in the game (0: `train.learning_rate`, as every player). For the canonical-view study on synthetic data, set
     `data.stock_view` and `fggan.canonical_view` to the same azimuth.
     """
@@ -233,6 +234,7 @@ class FGGANConfig:
     pretrain_learning_rate: float = 1e-3
     generator_warmup_steps: int = 0
     generator_skips: bool = False
+    generator_residual: bool = False
     semantic_learning_rate: float = 0.0
     cache_dir: str = "runs/cache/fggan_semantic"
 

@@ -129,7 +129,7 @@ def _batch_norm(name):
     return keras.layers.BatchNormalization(synchronized=True, name=name)
 
 
-def build_generator(image_size, base_width=32, depth=None, skips=False, name="generator"):
+def build_generator(image_size, base_width=32, depth=None, skips=False, residual=False, name="generator"):
     """G: a fully convolutional encoder–decoder (Sec. 3.1, DCGAN-style, Fig. 2).
 
     Encoder: `depth` stride-2 4×4 convolutions with LeakyReLU 0.2 (batch norm after all but the
@@ -138,6 +138,10 @@ def build_generator(image_size, base_width=32, depth=None, skips=False, name="ge
     With `skips`, each decoder block but the last also takes the encoder's activation of its
     resolution (concatenated on channels, as pix2pix's U-Net): not in the paper, whose G has
     only the bottleneck; a study of G's capacity to keep what an unseen class looks like.
+    With `residual`, G adds its decoder's output to its input instead: G(x) = clip(x + Δ(x)),
+    the last convolution (Δ's) zero-initialised and without tanh, so that G starts the game as
+    the identity exactly and S ∘ G as S (what `pretrain_generator` approximates by training);
+    not in the paper either.
 
     Args:
         image_size: side of the square images, a multiple of 2**depth and at least G's
@@ -145,6 +149,7 @@ def build_generator(image_size, base_width=32, depth=None, skips=False, name="ge
         base_width: channels of the first convolution.
         depth: down-sampling steps; `default_depth(image_size)` by default.
         skips: U-Net connections from the encoder to the decoder (False: the paper's G).
+        residual: G(x) = x + Δ(x), starting at the identity (False: the paper's G).
     Input: (batch, image_size, image_size, 3) in [0, 255]. Output: the same shape, float32 in [0, 255].
     """
     depth = default_depth(image_size) if depth is None else depth
@@ -154,7 +159,7 @@ def build_generator(image_size, base_width=32, depth=None, skips=False, name="ge
         raise ValueError(f"`base_width` must be >= 1. Received: base_width={base_width}")
     _check_image_size(image_size, depth)
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="to_unit")(inputs)
+    x = unit_inputs = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="to_unit")(inputs)
     encoded = []  # the encoder's activations, finest first
     for i in range(depth):
         x = keras.layers.Conv2D(base_width * 2**i, _KERNEL, strides=2, padding="same", name=f"down{i + 1}")(x)
@@ -169,6 +174,13 @@ def build_generator(image_size, base_width=32, depth=None, skips=False, name="ge
         x = keras.layers.ReLU(name=f"up{depth - 1 - i}_act")(x)
         if skips:  # x is now at the resolution of the encoder's block i + 1
             x = keras.layers.Concatenate(name=f"skip{i + 1}")([x, encoded[i]])
+    if residual:
+        delta = keras.layers.Conv2DTranspose(3, _KERNEL, strides=2, padding="same", kernel_initializer="zeros",
+                                             name=f"up{depth}")(x)
+        outputs = keras.layers.Add(dtype="float32", name="residual")([unit_inputs, delta])
+        outputs = keras.layers.Rescaling(127.5, offset=127.5, dtype="float32", name="to_pixels")(outputs)
+        outputs = keras.layers.ReLU(max_value=255.0, dtype="float32", name="clip")(outputs)
+        return keras.Model(inputs, outputs, name=name)
     x = keras.layers.Conv2DTranspose(3, _KERNEL, strides=2, padding="same", name=f"up{depth}")(x)
     outputs = keras.layers.Activation("tanh", dtype="float32", name="tanh")(x)
     outputs = keras.layers.Rescaling(127.5, offset=127.5, dtype="float32", name="to_pixels")(outputs)
@@ -617,7 +629,7 @@ class ViewNormalizingGAN(BuiltBeforeFit):
 
 
 def build_fggan(semantic, num_classes, image_size, variant="GDNS", base_width=32, depth=None, skips=False,
-                classifier=None, recon_layer="conv4", lam=1.0, semantic_weight=1e-3, positive_pair="same_class",
+                residual=False, classifier=None, recon_layer="conv4", lam=1.0, semantic_weight=1e-3, positive_pair="same_class",
                 feature="embedding", name="fggan"):
     """The FGGAN game on S with the paper's G, D and N, only the players `variant` uses.
 
@@ -629,13 +641,14 @@ def build_fggan(semantic, num_classes, image_size, variant="GDNS", base_width=32
         base_width: channels of the first convolution of G, D and N (the width of each).
         depth: G's down-sampling steps (`default_depth(image_size)` by default).
         skips: G's U-Net connections (see `build_generator`; False, the paper's G).
+        residual: G starts as the identity, G(x) = x + Δ(x) (see `build_generator`; False, the paper's G).
         classifier, recon_layer, lam, semantic_weight, positive_pair, feature: see `ViewNormalizingGAN`.
     """
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {list(VARIANTS)}. Received: variant={variant!r}")
     uses = VARIANTS[variant]
     return ViewNormalizingGAN(
-        build_generator(image_size, base_width, depth, skips=skips), semantic, num_classes,
+        build_generator(image_size, base_width, depth, skips=skips, residual=residual), semantic, num_classes,
         discriminator=build_discriminator(image_size, base_width) if uses["discriminator"] else None,
         normalizer=build_normalizer(image_size, base_width) if uses["normalizer"] else None,
         classifier=classifier, variant=variant, recon_layer=recon_layer, lam=lam,

@@ -244,6 +244,21 @@ def test_only_a_generator_with_skips_passes_its_input_around_the_bottleneck(skip
     assert np.abs(out[0] - out[1]).max() > 1e-3 if skips else np.allclose(out[0], out[1])
 
 
+def test_a_residual_generator_starts_as_the_identity_and_learns_away_from_it():
+    generator = build_generator(32, base_width=4, residual=True)
+    images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(generator(images, training=False)), images, atol=1e-3)
+    optimizer = keras.optimizers.Adam(1e-2)
+    target = 255.0 - images  # a change no identity can fit
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(generator(images, training=True) - target))
+        optimizer.apply(tape.gradient(loss, generator.trainable_variables), generator.trainable_variables)
+    out = np.asarray(generator(images, training=False))
+    assert np.abs(out - images).max() > 1.0 and out.min() >= 0.0 and out.max() <= 255.0
+    assert not np.allclose(np.asarray(build_generator(32, base_width=4)(images, training=False)), images, atol=1.0)
+
+
 # --- the retrieval embedder ----------------------------------------------------------------------
 
 def _hand_pooled(maps, feature):
