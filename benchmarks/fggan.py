@@ -39,7 +39,8 @@ FEATURES = ("embedding", "mac", "spoc", "crow", "scda", "gem")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps: checks the path")
-    parser.add_argument("--full", action="store_true", help="also CAE, GD, GDN* and GDN (1 seed each)")
+    parser.add_argument("--full", action="store_true",
+                        help="also CAE, GD, GDN* and GDN and the canonical-view and ℓ-layer studies (1 seed each)")
     parser.add_argument("--variants", help="comma-separated variants instead (e.g. GDNS for a short run)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, help="game steps (default: the fggan config's epochs × steps)")
@@ -133,6 +134,17 @@ STUDY = {
     "GDNS, residual G": ["fggan.generator_residual=true"],
 }
 ABLATIONS = ("CAE", "GD", "GDN*", "GDN")  # 1 seed each, indicative
+# The paper's two studies (Tables 5 and 6), behind --full, 1 seed each, indicative: the canonical view
+# (its five, as azimuths of 8; the stock photos are rendered at it, so S is pre-trained anew on each) and
+# the layer of N that ℓ is measured on. The front view and conv4 are the defaults: the GDNS row itself.
+# A canonical-view row is measured on its own data (its stock photos at that view): read those rows
+# against each other and the GDNS row, not against the front-view S ft.
+CANONICAL_VIEWS = {"front-side": 1, "side": 2, "rear-side": 3, "rear": 4}
+STUDIES = {
+    **{f"GDNS, canonical {name}": [f"data.stock_view={view}", f"fggan.canonical_view={view}"]
+       for name, view in CANONICAL_VIEWS.items()},
+    **{f"GDNS, ℓ on {layer}": [f"fggan.recon_layer={layer}"] for layer in ("conv1", "conv2", "conv3")},
+}
 
 
 def games(args):
@@ -143,6 +155,8 @@ def games(args):
     played = {variant: [f"train.variant={variant}"] for variant in variants}
     if not args.variants:  # the paper's GDNS beside the one whose G starts as the identity (the study's finding)
         played["GDNS, residual G"] = STUDY["GDNS, residual G"]
+    if args.full:
+        played.update(STUDIES)
     return played
 
 
@@ -185,7 +199,7 @@ def run(args, topic):
         config = make_config(args, seed)
         splits = functools.cache(functools.partial(experiments.load_data, config.data))
         for label, overrides in labels.items():
-            if seed > 0 and label in ABLATIONS:
+            if seed > 0 and (label in ABLATIONS or label in STUDIES):
                 continue
             keyed = configs.override(configs.ExperimentConfig.from_dict(config.to_dict()), overrides)
             result = _common.measured_run(keyed, store, functools.partial(measure, label, splits=splits),
@@ -356,7 +370,7 @@ def main(argv=None):
              f"cached); then {steps} steps of batches of "
              f"{config.train.classes_per_batch * config.train.images_per_class} for S ft and for each game "
              f"(G, D, N width {config.fggan.width}, Adam 2e-4 β1 0.5). Seeds: {args.seeds} "
-             f"(CAE/GD/GDN*/GDN: 1). Games: {', '.join(games_run)}. All figures on the unseen classes.")
+             f"(CAE/GD/GDN*/GDN and the studies: 1). Games: {', '.join(games_run)}. All figures on the unseen classes.")
     timing = "\n".join(f"- {name}: {', '.join(f'{s:.0f} s' for s in values)}" for name, values in seconds.items())
     gain_keys = ["game", "best feature", "seeds", "unseen map@10", "spread", "rival", "rival map@10", "relative gain"]
     path = _common.write_results(topic if complete else f"{topic}_progress", [
