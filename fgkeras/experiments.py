@@ -561,11 +561,17 @@ def export_artifacts(embedder, gallery, config, out_dir, name="fgkeras", flavour
     if tflite_modes:
         tflite_dir = os.path.join(out_dir, "tflite", name)
         os.makedirs(tflite_dir, exist_ok=True)
-        sample = gallery.subset(np.random.default_rng(0).permutation(len(gallery))[:256])
-        images = np.stack([x["image"].numpy() for x in sample.as_dataset(image_size=config.data.image_size)])
-        paths = export.export_tflite_variants(embedder, tflite_dir, config.data.image_size, images[:128],
+        # int8 is calibrated on images that its parity figures never see: 128 for calibration, up to 256 others.
+        order = np.random.default_rng(0).permutation(len(gallery))[:384]
+        calibration, held_out = gallery.subset(order[:len(order) // 3]), gallery.subset(order[len(order) // 3:])
+
+        def images_of(subset):
+            return np.stack([x["image"].numpy() for x in subset.as_dataset(image_size=config.data.image_size)])
+
+        paths = export.export_tflite_variants(embedder, tflite_dir, config.data.image_size, images_of(calibration),
                                               modes=tflite_modes)
-        parity = export.tflite_parity(embedder, paths, images, sample.labels, saved_model=pushed.path)
+        parity = export.tflite_parity(embedder, paths, images_of(held_out), held_out.labels,
+                                      saved_model=pushed.path)
         with open(os.path.join(tflite_dir, "parity.json"), "w") as f:
             json.dump(parity, f, indent=2, default=float)
         result["tflite"] = paths

@@ -1,3 +1,5 @@
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -245,3 +247,29 @@ def test_train_distribute_names_its_choices_and_needs_tf_config_for_workers(monk
     with pytest.raises(ValueError, match="needs TF_CONFIG"):
         experiments.distribution_strategy("multi_worker")
     assert experiments.distribution_strategy("none").num_replicas_in_sync == 1
+
+
+def test_int8_calibration_images_are_never_among_the_parity_images(monkeypatch, tmp_path):
+    from fgkeras import export
+    from fgkeras.models import build_embedder
+
+    config = _smoke()
+    _, gallery = experiments.load_data(config.data)
+    seen = {}
+
+    def variants(embedder, directory, image_size, representative_images, modes):
+        seen["calibration"] = representative_images
+        return {mode: os.path.join(directory, f"{mode}.tflite") for mode in modes}
+
+    def parity(embedder, paths, images, labels, saved_model):
+        seen["parity"], seen["labels"] = images, labels
+        return {}
+
+    monkeypatch.setattr(export, "export_tflite_variants", variants)
+    monkeypatch.setattr(export, "tflite_parity", parity)
+    embedder = build_embedder(width=0.25, embedding_dim=8, image_size=config.data.image_size)
+    experiments.export_artifacts(embedder, gallery, config, str(tmp_path), tflite_modes=("int8",), force=True)
+    calibration = {image.tobytes() for image in seen["calibration"]}
+    parity_images = [image.tobytes() for image in seen["parity"]]
+    assert len(calibration) >= 32 and len(parity_images) == len(seen["labels"]) >= 32
+    assert not calibration & set(parity_images)
