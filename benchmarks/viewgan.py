@@ -42,6 +42,8 @@ def _config(args):
         config.viewgan.connection_scale = 4  # 16×16, r = 4 (1/8 would be 8×8, nearly covered by the window)
         config.train.epochs, config.train.steps_per_epoch = 1, args.steps or (1500 if args.full else 600)
         config.viewgan.repeats = 5 if args.full else 3
+        if not args.full:  # the default run within 60 min on 2 cores: G, D of width 16, judges of width 0.5
+            config.viewgan.width, config.model.width = 16, 0.5
     configs.override(config, args.set)
     return config
 
