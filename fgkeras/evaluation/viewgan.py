@@ -94,8 +94,8 @@ def training_pairs(config, arrays):
 def train_viewgan(config, arrays=None, verbose="auto", callbacks=None):
     """Trains the configured ViewGAN on the train classes; returns `(game, history)`.
 
-    The game is built and fitted in the scope of `train.distribute`'s strategy, as every method
-    of `fgkeras.experiments.train` (the CLI calls this function directly).
+    The game is built and fitted in the scope of `train.distribute`'s strategy and under
+    `train.mixed_precision`'s dtype policy, as every method of `fgkeras.experiments.train`.
 
     Args:
         config: an `ExperimentConfig` with `train.method="viewgan"`.
@@ -111,7 +111,8 @@ def train_viewgan(config, arrays=None, verbose="auto", callbacks=None):
     steps = config.train.steps_per_epoch or steps_per_pass(arrays, batch_size)
     logger.info("ViewGAN %s: %d classes, %d views, %d images, %d epochs of %d steps", config.train.variant,
                 num_classes, len(arrays["views"]), len(arrays["label"]), config.train.epochs, steps)
-    with experiments.distribution_strategy(config.train.distribute).scope():
+    with (experiments.distribution_strategy(config.train.distribute).scope(),
+          experiments.dtype_policy(config.train.mixed_precision)):
         keras.utils.set_random_seed(config.train.seed)
         game = build_from_config(config, num_classes, len(arrays["views"]), arrays["image"].shape[1])
         history = fit_resumable(game, pairs, epochs=config.train.epochs, steps_per_epoch=steps, verbose=verbose,
