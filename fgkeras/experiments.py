@@ -404,6 +404,17 @@ def pretrained_semantic(config, train_set, verbose="auto"):
     return semantic, classifier
 
 
+def fggan_pairs(config, train_set):
+    """The stream of (user photo, canonical photo) pairs that FGGAN's game fits on.
+
+    `fgkeras.data.canonical_pairs` of `train_set` in global batches of `train.classes_per_batch`
+    × `train.images_per_class` pairs, canonical view `fggan.canonical_view`, seeded by `train.seed`.
+    """
+    return fg_data.canonical_pairs(
+        train_set, batch_size=config.train.classes_per_batch * config.train.images_per_class,
+        canonical_view=config.fggan.canonical_view, image_size=config.data.image_size, seed=config.train.seed)
+
+
 def _train_fggan(config, train_set, verbose, callbacks):
     """FGGAN (#13): the cached pre-trained S, then the game on (user photo, canonical photo) pairs."""
     budget, settings = config.train, config.fggan
@@ -419,9 +430,7 @@ def _train_fggan(config, train_set, verbose, callbacks):
         if settings.semantic_learning_rate and "semantic" in rates:
             rates["semantic"] = settings.semantic_learning_rate
         game.compile(**{f"{player[0]}_optimizer": factory(rate) for player, rate in rates.items()})
-        pairs = fg_data.canonical_pairs(
-            train_set, batch_size=budget.classes_per_batch * budget.images_per_class,
-            canonical_view=settings.canonical_view, image_size=config.data.image_size, seed=budget.seed)
+        pairs = fggan_pairs(config, train_set)
         models.fggan.pretrain_generator(game.generator, pairs, settings.generator_warmup_steps,
                                         optimizer=factory(budget.learning_rate), verbose=verbose)
         history = models.fit_resumable(game, pairs, epochs=budget.epochs, steps_per_epoch=budget.steps_per_epoch,

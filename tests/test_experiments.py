@@ -273,3 +273,55 @@ def test_int8_calibration_images_are_never_among_the_parity_images(monkeypatch, 
     parity_images = [image.tobytes() for image in seen["parity"]]
     assert len(calibration) >= 32 and len(parity_images) == len(seen["labels"]) >= 32
     assert not calibration & set(parity_images)
+
+
+def _mixed_precision_config(method, tmp_path):
+    """A smoke-sized config of `method` at 32 px with `train.mixed_precision=true`: 2 epochs of 1 step
+    (HTG: 1 of its basic model, 1 of the game; FGGAN: after 1 step of S's pre-training and 1 of G's warm-up)."""
+    if method == "viewgan":
+        from fgkeras.evaluation.viewgan import viewgan_smoke
+
+        config = viewgan_smoke(configs.get_config("viewgan"))
+    elif method == "fggan":
+        config = configs.override(configs.smoke(configs.get_config("fggan")), [
+            "fggan.pretrain_steps=1", "fggan.generator_warmup_steps=1", f"fggan.cache_dir={tmp_path}"])
+    else:
+        config = configs.smoke(configs.get_config("baseline"))
+        config.train.method = method
+    return configs.override(config, ["train.mixed_precision=true", "train.epochs=2", "train.warmup_epochs=1",
+                                     "train.steps_per_epoch=1", "train.validation_classes=0",
+                                     "data.image_size=32"])
+
+
+@pytest.mark.parametrize("method", ["basic", "softmax", "htg", "fggan", "viewgan"])
+def test_mixed_precision_trains_every_method_with_float32_losses_and_variables(method, tmp_path, monkeypatch):
+    """`train.mixed_precision=true`: every trainer computes in `experiments.dtype_policy`'s compute
+    dtype (bfloat16 on any device) and keeps its variables and every player's loss in float32.
+
+    Mutations tried: ViewGAN trained outside the dtype policy (what `train_viewgan` did before: its
+    convolutions computed in float32) fails the compute-dtype assertion; FGGAN's softmax on S's
+    bfloat16 logits without the cast to float32 fails the loss-dtype assertion (S's loss in bfloat16).
+    """
+    # Every player's loss reaches its optimizer through `scale_loss` (the LossScaleOptimizer hook):
+    # record the dtype of each one there, at trace time.
+    loss_dtypes = []
+    scale_loss = keras.optimizers.Optimizer.scale_loss
+
+    def recording_scale_loss(optimizer, loss):
+        loss_dtypes.append(keras.backend.standardize_dtype(loss.dtype))
+        return scale_loss(optimizer, loss)
+
+    monkeypatch.setattr(keras.optimizers.Optimizer, "scale_loss", recording_scale_loss)
+    with experiments.dtype_policy(True):
+        policy = keras.config.dtype_policy()
+    assert policy.compute_dtype in ("float16", "bfloat16") and policy.variable_dtype == "float32"
+    model, history = experiments.train(_mixed_precision_config(method, tmp_path), verbose=0)
+    assert keras.config.dtype_policy().name == "float32"  # restored after training
+
+    losses = {key: values for key, values in history.history.items() if key.endswith("loss")}
+    assert losses and all(np.isfinite(values).all() for values in losses.values()), losses
+    assert loss_dtypes and set(loss_dtypes) == {"float32"}, loss_dtypes
+    floats = [v for v in model.variables if "float" in str(v.dtype)]
+    assert floats and {str(v.dtype) for v in floats} == {"float32"}
+    convolutions = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Conv2D)]
+    assert convolutions and {layer.compute_dtype for layer in convolutions} == {policy.compute_dtype}

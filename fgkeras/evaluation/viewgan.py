@@ -79,27 +79,45 @@ def build_from_config(config, num_classes, num_views, image_size):
     return game
 
 
+def training_pairs(config, arrays):
+    """`(stream, arrays)`: the view pairs that `train_viewgan` fits on, and `arrays` with labels 0..K-1.
+
+    `stream` is `view_pairs` of the relabelled arrays in global batches of `viewgan.batch_size`
+    (at most the number of images), seeded by `train.seed`.
+    """
+    _, labels = np.unique(arrays["label"], return_inverse=True)
+    arrays = {**arrays, "label": labels.astype(np.int32)}
+    batch_size = min(config.viewgan.batch_size, len(labels))
+    return view_pairs(arrays, batch_size, seed=config.train.seed), arrays
+
+
 def train_viewgan(config, arrays=None, verbose="auto", callbacks=None):
     """Trains the configured ViewGAN on the train classes; returns `(game, history)`.
+
+    The game is built and fitted in the scope of `train.distribute`'s strategy and under
+    `train.mixed_precision`'s dtype policy, as every method of `fgkeras.experiments.train`.
 
     Args:
         config: an `ExperimentConfig` with `train.method="viewgan"`.
         arrays: `render_views` of the train split (made from `config` when None).
         verbose, callbacks: passed to `fit`.
     """
+    from fgkeras import experiments
+
     if arrays is None:
         _, arrays, _ = viewgan_data(config)
-    keras.utils.set_random_seed(config.train.seed)
-    classes, labels = np.unique(arrays["label"], return_inverse=True)
-    arrays = {**arrays, "label": labels.astype(np.int32)}
-    batch_size = min(config.viewgan.batch_size, len(labels))
-    game = build_from_config(config, len(classes), len(arrays["views"]), arrays["image"].shape[1])
+    pairs, arrays = training_pairs(config, arrays)
+    num_classes, batch_size = int(arrays["label"].max()) + 1, int(pairs.element_spec["label"].shape[0])
     steps = config.train.steps_per_epoch or steps_per_pass(arrays, batch_size)
     logger.info("ViewGAN %s: %d classes, %d views, %d images, %d epochs of %d steps", config.train.variant,
-                len(classes), len(arrays["views"]), len(labels), config.train.epochs, steps)
-    history = fit_resumable(game, view_pairs(arrays, batch_size, seed=config.train.seed), epochs=config.train.epochs,
-                            steps_per_epoch=steps, verbose=verbose, callbacks=callbacks,
-                            backup_dir=config.train.backup_dir, backup_every_steps=config.train.backup_every_steps)
+                num_classes, len(arrays["views"]), len(arrays["label"]), config.train.epochs, steps)
+    with (experiments.distribution_strategy(config.train.distribute).scope(),
+          experiments.dtype_policy(config.train.mixed_precision)):
+        keras.utils.set_random_seed(config.train.seed)
+        game = build_from_config(config, num_classes, len(arrays["views"]), arrays["image"].shape[1])
+        history = fit_resumable(game, pairs, epochs=config.train.epochs, steps_per_epoch=steps, verbose=verbose,
+                                callbacks=callbacks, backup_dir=config.train.backup_dir,
+                                backup_every_steps=config.train.backup_every_steps)
     return game, history
 
 
@@ -159,5 +177,5 @@ def run_viewgan_demo(config, out_dir, verbose="auto"):
     return results
 
 
-__all__ = ["build_from_config", "evaluate_viewgan", "judges", "run_viewgan_demo", "train_viewgan",
+__all__ = ["build_from_config", "evaluate_viewgan", "judges", "run_viewgan_demo", "train_viewgan", "training_pairs",
            "viewgan_data", "viewgan_image_size", "viewgan_smoke"]

@@ -656,6 +656,43 @@ def build_fggan(semantic, num_classes, image_size, variant="GDNS", base_width=32
     )
 
 
+class _IdentityWarmup(BuiltBeforeFit):
+    """G trained by `fit` to give back its input: the model of `pretrain_generator`.
+
+    Loss: the pixel MSE of G(x) and x in [-1, 1], a per-replica mean divided by the replicas. A
+    trainer of its own, built with its optimizer before `fit` (not a functional model compiled
+    with that loss): under `MultiWorkerMirroredStrategy` Keras's symbolic build of a plain model
+    fails on the first distributed batch (see `BuiltBeforeFit`).
+    """
+
+    def __init__(self, generator, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = generator
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.built = True
+
+    def compile(self, optimizer, **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer.build(self.generator.trainable_variables)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def call(self, images, training=False):
+        return self.generator(images, training=training)
+
+    def train_step(self, data):
+        images = ops.cast(data["image"], "float32")
+        variables = self.generator.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = ops.mean(ops.square(_to_unit(self.generator(images, training=True)) - _to_unit(images)))
+            scaled = self.optimizer.scale_loss(replica_scaled(loss))
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+
 def pretrain_generator(generator, dataset, steps, optimizer=None, verbose="auto"):
     """G's warm-up before the game: `steps` steps of reproducing its input (pixel MSE in [-1, 1]).
 
@@ -674,12 +711,11 @@ def pretrain_generator(generator, dataset, steps, optimizer=None, verbose="auto"
     """
     if steps <= 0:
         return None
-    autoencoder = keras.Model(generator.inputs, generator.outputs, name="generator_warmup")
-    autoencoder.compile(optimizer=optimizer or default_optimizer(),
-                        loss=lambda images, output: ops.mean(ops.square(_to_unit(output) - _to_unit(images))))
+    warmup = _IdentityWarmup(generator, name="generator_warmup")
+    warmup.compile(optimizer=optimizer or default_optimizer())
     logger.info("FGGAN: G's identity warm-up for %d steps", steps)
-    images = dataset.map(lambda batch: (batch["image"], batch["image"]))
-    return autoencoder.fit(images, epochs=1, steps_per_epoch=steps, verbose=verbose, shuffle=False)
+    images = dataset.map(lambda batch: {"image": batch["image"]})
+    return warmup.fit(images, epochs=1, steps_per_epoch=steps, verbose=verbose, shuffle=False)
 
 
 def pretrain_semantic(semantic, dataset, num_classes, steps, optimizer=None, verbose="auto"):
